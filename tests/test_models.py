@@ -1,0 +1,165 @@
+"""The model family: shapes, the frame/temporal split, gradients, registry, pretrained loading."""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from tbn_train.models import BackboneError, build_model, list_models
+
+
+def _randomize_bn(model):
+    """Random BN statistics so eval-mode BN is not the identity (as after training)."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return _randomize_bn(build_model("tbn_tiny", num_classes=11)).eval()
+
+
+@pytest.mark.parametrize("size", [(480, 480), (480, 853), (479, 479), (240, 320)])
+def test_output_shapes_any_size(tiny, size):
+    h, w = size
+    clip = torch.randn(1, 4, 3, h, w)
+    with torch.no_grad():
+        logits = tiny(clip)
+        feats = tiny.frame_features(clip[:, -1])
+    assert logits.shape == (1, 11, h, w)
+    # stride 8 of the input padded to a multiple of 32
+    assert feats.shape == (1, tiny.feature_chs, -(-h // 32) * 4, -(-w // 32) * 4)
+
+
+def test_temporal_offsets_attribute():
+    assert build_model("tbn_tiny").temporal_offsets == (3, 6, 9)
+    assert build_model("bisenet_tiny").temporal_offsets == ()
+    assert build_model("tbn_tiny", temporal_offsets=(2, 4)).temporal_offsets == (2, 4)
+
+
+def test_forward_equals_split(tiny):
+    torch.manual_seed(1)
+    clip = torch.randn(2, 4, 3, 96, 128)
+    with torch.no_grad():
+        whole = tiny(clip)
+        f = [tiny.frame_features(clip[:, i]) for i in range(4)]  # t-9, t-6, t-3, t
+        split = tiny.temporal_head(f[3], [f[2], f[1], f[0]], out_size=(96, 128))
+    torch.testing.assert_close(whole, split, rtol=1e-4, atol=1e-4)
+
+
+def test_temporal_head_order_free_but_uses_past(tiny):
+    torch.manual_seed(2)
+    cur, a, b, c = (torch.randn(1, tiny.feature_chs, 8, 12) for _ in range(4))
+    with torch.no_grad():
+        ref = tiny.temporal_head(cur, [a, b, c])
+        permuted = tiny.temporal_head(cur, [c, a, b])
+        other = tiny.temporal_head(cur, [a, b, torch.randn_like(c)])
+    torch.testing.assert_close(ref, permuted, rtol=1e-5, atol=1e-5)
+    assert (ref - other).abs().max() > 1e-3
+
+
+def test_bilateral_ignores_past():
+    model = _randomize_bn(build_model("bisenet_tiny", num_classes=5)).eval()
+    torch.manual_seed(3)
+    clip = torch.randn(1, 4, 3, 64, 96)
+    other = clip.clone()
+    other[:, :3] = torch.randn_like(other[:, :3])
+    with torch.no_grad():
+        torch.testing.assert_close(model(clip), model(other))
+        cur = model.frame_features(clip[:, -1])
+        torch.testing.assert_close(model(clip), model.temporal_head(cur, [], out_size=(64, 96)))
+    with pytest.raises(ValueError, match="expects 0 past features"):
+        model.temporal_head(cur, [cur, cur, cur])
+
+
+def test_stppm_split_and_past():
+    model = _randomize_bn(build_model("stppm_tiny", num_classes=7)).eval()
+    torch.manual_seed(4)
+    clip = torch.randn(1, 4, 3, 96, 96)
+    with torch.no_grad():
+        f = [model.frame_features(clip[:, i]) for i in range(4)]
+        torch.testing.assert_close(model(clip), model.temporal_head(f[3], f[2::-1], (96, 96)),
+                                   rtol=1e-4, atol=1e-4)
+        changed = model.temporal_head(f[3], [f[2], f[1], torch.randn_like(f[0])], (96, 96))
+    assert model(clip).shape == (1, 7, 96, 96)
+    assert (changed - model(clip)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["tbn_tiny", "bisenet_tiny", "stppm_tiny"])
+def test_gradients_reach_every_parameter(name):
+    torch.manual_seed(5)
+    model = build_model(name, num_classes=6).train()
+    clip = torch.randn(2, 4, 3, 64, 64)
+    target = torch.randint(0, 6, (2, 64, 64))
+    logits, aux = model(clip, aux=True)
+    loss = sum(torch.nn.functional.cross_entropy(x, target) for x in [logits, *aux])
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_past_grad_switch_same_output():
+    torch.manual_seed(6)
+    model = _randomize_bn(build_model("tbn_tiny", num_classes=4)).eval()
+    clip = torch.randn(1, 4, 3, 64, 64)
+    torch.testing.assert_close(model(clip, past_grad=False), model(clip), rtol=1e-4, atol=1e-4)
+
+
+def test_swin_l_parameter_count():
+    model = build_model("tbn_swin_l")
+    backbone = sum(p.numel() for p in model.context_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    print(f"tbn_swin_l: {total / 1e6:.2f} M parameters, Swin-L features {backbone / 1e6:.2f} M")
+    assert abs(backbone / 1e6 - 195.2) < 0.1
+    # BiSeNet heads on top: ARMs, context convs, spatial path, FFM, classifier, aux heads
+    assert 4e6 < total - backbone < 6e6
+
+
+def test_unknown_model_lists_known():
+    with pytest.raises(ValueError) as e:
+        build_model("tbn_swin_xxl")
+    for name in list_models():
+        assert name in str(e.value)
+
+
+def test_wrong_rank_says_expected_shape(tiny):
+    with pytest.raises(ValueError, match=r"B x T x 3 x H x W"):
+        tiny(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"B x 3 x H x W"):
+        tiny.frame_features(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match=r"B x 4 x 3 x H x W"):
+        tiny(torch.randn(1, 2, 3, 64, 64))
+
+
+_TINY_SWIN = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=7)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_pretrained_from_local_file(tmp_path, fmt):
+    torch.manual_seed(7)
+    source = timm.create_model("swin_tiny_patch4_window7_224", **_TINY_SWIN)
+    path = tmp_path / f"backbone.{fmt}"
+    if fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    else:  # a timm-style training checkpoint
+        torch.save({"state_dict": source.state_dict()}, path)
+    model = build_model("tbn_tiny", pretrained=str(path))
+    loaded = model.context_path.backbone.model.state_dict()
+    ref = source.state_dict()
+    assert len(loaded) > 10
+    for k, v in loaded.items():
+        torch.testing.assert_close(v, ref[k], msg=k)
+
+
+def test_pretrained_missing_file_is_clear(tmp_path):
+    with pytest.raises(BackboneError, match="not found"):
+        build_model("tbn_tiny", pretrained=str(tmp_path / "nope.safetensors"))
+    bad = tmp_path / "wrong.safetensors"
+    save_file({"foo": torch.zeros(3)}, str(bad))
+    with pytest.raises(BackboneError, match="does not fit"):
+        build_model("tbn_tiny", pretrained=str(bad))
