@@ -1,0 +1,213 @@
+"""The VSPW reader: split index, training clips, whole-video iteration.
+
+Layout::
+
+    ROOT/{train,val,test}.txt            one video folder name per line
+    ROOT/data/<video>/origin/<name>.jpg  frames, ordered by name
+    ROOT/data/<video>/mask/<name>.png    raw masks: 0 others, 1..124 classes, 255 void
+
+Raw mask values become train ids with `tbn_runtime.classes.raw_to_train_ids` (value - 1; 0 and
+255 -> IGNORE_INDEX). `index_split` checks only that the files exist (cheap); sizes and label
+values are checked when a mask is read. Every problem raises `DatasetError` with a one-line
+message that names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from tbn_runtime.classes import NUM_CLASSES, raw_to_train_ids
+from tbn_runtime.masks import read_label_png
+from tbn_runtime.temporal import DEFAULT_OFFSETS, clip_indices
+
+from .transforms import Size, augment_clip, sample_params
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Raw mask values a VSPW mask may hold: 0..124 and 255.
+_VALID_RAW = np.zeros(256, dtype=bool)
+_VALID_RAW[:NUM_CLASSES + 1] = True
+_VALID_RAW[255] = True
+
+
+class DatasetError(Exception):
+    """A problem with the dataset on disk; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Video:
+    """One video of a split: its name, frame paths (sorted by name), mask paths or None."""
+
+    name: str
+    frames: List[Path]
+    masks: Optional[List[Path]]
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+def index_split(root: PathLike, split: str, with_masks: bool = True) -> List[Video]:
+    """List the videos of `split` under `root`, checking that the files exist.
+
+    Raises DatasetError for a missing root or split file, a listed video without frames, or
+    (with `with_masks`) a frame without its mask.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"VSPW root {root} does not exist; pass the folder that holds "
+                           f"train.txt/val.txt/test.txt and data/ (or create one with tbn-synth "
+                           f"--out {root})")
+    split_file = root / f"{split}.txt"
+    if not split_file.is_file():
+        raise DatasetError(f"{split_file} is missing; a VSPW root lists the video folders of "
+                           f"split '{split}' in it, one per line")
+    names = [line.strip() for line in split_file.read_text().splitlines()]
+    videos = []
+    for name in (n for n in names if n):
+        origin = root / "data" / name / "origin"
+        frames = sorted(origin.glob("*.jpg")) if origin.is_dir() else []
+        if not frames:
+            raise DatasetError(f"{origin} has no frames (*.jpg) for video '{name}' listed in "
+                               f"{split_file}; add its frames or remove the line")
+        masks = None
+        if with_masks:
+            masks = [root / "data" / name / "mask" / (f.stem + ".png") for f in frames]
+            for frame, mask in zip(frames, masks):
+                if not mask.is_file():
+                    raise DatasetError(f"{mask} is missing (the mask of {frame}); add it, or "
+                                       f"index split '{split}' with with_masks=False")
+        videos.append(Video(name=name, frames=frames, masks=masks))
+    return videos
+
+
+def read_frame(path: PathLike) -> np.ndarray:
+    """Read a frame as uint8 H x W x 3 BGR; DatasetError if it cannot be decoded."""
+    try:  # imdecode rather than imread: no OpenCV warning on stderr, any path encoding
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError:
+        data = np.zeros(0, np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None or img.ndim != 3:
+        raise DatasetError(f"{path}: cannot read the image (missing, truncated or not an "
+                           f"image); replace the file")
+    return img
+
+
+def read_mask(path: PathLike, frame_path: Optional[PathLike] = None,
+              frame_size: Optional[Size] = None) -> np.ndarray:
+    """Read a raw VSPW mask and return its train ids (uint8 H x W, ignore 255).
+
+    Checks the label values (0..124 and 255) and, when `frame_size` is given, that the mask is
+    as large as its frame `frame_path`.
+    """
+    try:
+        raw = read_label_png(path)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot read the mask ({e}); replace the file") from e
+    if frame_size is not None and raw.shape != tuple(frame_size):
+        raise DatasetError(f"{path}: mask is {raw.shape[0]}x{raw.shape[1]} but its image "
+                           f"{frame_path} is {frame_size[0]}x{frame_size[1]}; write the mask "
+                           f"at the image size")
+    bad = ~_VALID_RAW[raw]
+    if bad.any():
+        values = np.unique(raw[bad]).tolist()
+        raise DatasetError(f"{path}: label values {values[:8]} are outside 0..{NUM_CLASSES} and "
+                           f"255; store raw VSPW values (0 others, 1..{NUM_CLASSES} classes, "
+                           f"255 void)")
+    return raw_to_train_ids(raw)
+
+
+def iter_video(video: Video) -> Iterator[Tuple[int, np.ndarray, Optional[np.ndarray]]]:
+    """Yield (t, frame uint8 H x W x 3 BGR, label uint8 H x W train ids or None) per frame."""
+    for t, frame_path in enumerate(video.frames):
+        frame = read_frame(frame_path)
+        label = None
+        if video.masks is not None:
+            label = read_mask(video.masks[t], frame_path, frame.shape[:2])
+        yield t, frame, label
+
+
+class VSPWClips(Dataset):
+    """Training / validation clips: one item per (video, frame t) of a split.
+
+    An item is `(clip, label)`: clip float32 T x 3 x H x W with the frames
+    `clip_indices(t, offsets)` (oldest first, frame t last; T = len(offsets) + 1), normalised
+    RGB as in `tbn_runtime.preprocess.normalize_bgr`; label int64 H x W train ids of frame t.
+
+    With `train=True` every clip gets one random scale (uniform in `scale_range`, relative to
+    the frame size), one random crop of `crop_size` (padded with 0 for the frames and with
+    IGNORE_INDEX for the label where the scaled frame is smaller; None: no crop) and, with
+    `flip`, one random horizontal flip, identical for all frames of the clip. With
+    `train=False` the frames are returned whole and unchanged (batch them one at a time when
+    the videos differ in size).
+
+    Randomness: each `__getitem__` draws a 63-bit seed from torch's global generator and builds
+    a `numpy.random.Generator` from it. `torch.manual_seed` therefore fixes the stream in the
+    main process, and in DataLoader workers torch seeds each worker's generator with
+    `torch.initial_seed()` = base_seed + worker_id (base_seed drawn anew per epoch from the main
+    generator), so a seeded run is reproducible and every epoch differs. The dataset keeps
+    only paths and numbers, so it pickles into workers.
+    """
+
+    def __init__(self, root: PathLike, split: str, offsets: Sequence[int] = DEFAULT_OFFSETS,
+                 crop_size: Optional[Size] = (480, 480),
+                 scale_range: Tuple[float, float] = (0.5, 2.0), flip: bool = True,
+                 train: bool = True) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.offsets: Tuple[int, ...] = tuple(int(k) for k in offsets)
+        clip_indices(0, self.offsets)  # validates the offsets
+        self.crop_size: Optional[Size] = (
+            None if crop_size is None else (int(crop_size[0]), int(crop_size[1])))
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.flip = bool(flip)
+        self.train = bool(train)
+        self.videos: List[Video] = index_split(self.root, split, with_masks=True)
+        self.items: List[Tuple[int, int]] = [
+            (v, t) for v, video in enumerate(self.videos) for t in range(len(video))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def frame_indices(self, index: int) -> List[int]:
+        """The frame indices (within its video) of item `index`'s clip, oldest first."""
+        return clip_indices(self.items[index][1], self.offsets)
+
+    def load(self, index: int) -> Tuple[List[np.ndarray], np.ndarray]:
+        """Read item `index` without augmentation: (BGR frames of the clip, train-id label)."""
+        v, t = self.items[index]
+        video = self.videos[v]
+        cache: Dict[int, np.ndarray] = {}
+        for i in clip_indices(t, self.offsets):
+            if i not in cache:
+                cache[i] = read_frame(video.frames[i])
+        frame_t = cache[t]
+        for i, img in cache.items():
+            if img.shape != frame_t.shape:
+                raise DatasetError(
+                    f"{video.frames[i]}: frame is {img.shape[0]}x{img.shape[1]} but "
+                    f"{video.frames[t]} of the same video is {frame_t.shape[0]}x"
+                    f"{frame_t.shape[1]}; all frames of a video must have one size")
+        assert video.masks is not None
+        label = read_mask(video.masks[t], video.frames[t], frame_t.shape[:2])
+        return [cache[i] for i in clip_indices(t, self.offsets)], label
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        frames, label = self.load(index)
+        params = None
+        if self.train:
+            seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+            rng = np.random.default_rng(seed)
+            params = sample_params(rng, frames[-1].shape[:2], self.crop_size,
+                                   self.scale_range, self.flip)
+        clip, label_out = augment_clip(frames, label, params)
+        assert label_out is not None
+        return torch.from_numpy(clip), torch.from_numpy(label_out.astype(np.int64))
