@@ -1,0 +1,249 @@
+"""TensorRT backend: two engines, cuda-python buffers, the feature ring as device pointers.
+
+As NVIDIA's TensorRT samples do since 10.14, buffers and streams come from cuda-python
+(`cuda.bindings.runtime`). The ring slots are cudaMalloc'd buffers: the feature engine's output
+address is set to the write slot, the temporal engine's input addresses to the current and past
+slots, so features never leave the GPU. The frame goes in and the labels come out through
+page-locked host buffers with cudaMemcpyAsync on one stream; CUDA events time the two engines.
+tensorrt and cuda-python are imported only when this backend is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
+
+from ..manifest import Manifest
+from .base import Backend, BackendError, numpy_dtype
+
+_INSTALL = "pip install tbn-vit[gpu] (tensorrt and cuda-python)"
+_REBUILD = "rebuild the engines here with `tbn-export --engine-only`"
+
+
+def _imports():
+    try:
+        import tensorrt as trt
+        from cuda.bindings import runtime as cudart
+    except ImportError as e:
+        raise BackendError(f"the trt backend needs TensorRT and cuda-python ({e}): "
+                           f"{_INSTALL}") from e
+    return trt, cudart
+
+
+def _check(result: Any) -> Any:
+    """cuda-python calls return (err, *values); raise on an error, return the value(s)."""
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    from cuda.bindings import runtime as cudart
+    if err != cudart.cudaError_t.cudaSuccess:
+        name = cudart.cudaGetErrorName(err)[1]
+        raise BackendError(f"CUDA error {name.decode() if isinstance(name, bytes) else name}")
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else tuple(rest)
+
+
+def gpu_info() -> Tuple[str, str]:
+    """(name, compute capability 'major.minor') of CUDA device 0."""
+    _, cudart = _imports()
+    prop = _check(cudart.cudaGetDeviceProperties(0))
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}"
+
+
+class _Pinned:
+    """A page-locked host buffer viewed as a numpy array."""
+
+    def __init__(self, shape: Tuple[int, ...], dtype: np.dtype) -> None:
+        _, cudart = _imports()
+        self.nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self.ptr = _check(cudart.cudaMallocHost(self.nbytes))
+        raw = np.ctypeslib.as_array(ctypes.cast(self.ptr, ctypes.POINTER(ctypes.c_uint8)),
+                                    (self.nbytes,))
+        self.array = raw.view(dtype).reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            _, cudart = _imports()
+            cudart.cudaFreeHost(self.ptr)
+            self.ptr = None
+
+
+class TrtBackend(Backend):
+    name = "trt"
+    install_hint = _INSTALL
+
+    @classmethod
+    def available(cls, device: str = "cuda") -> Tuple[bool, str]:
+        if device == "cpu":
+            return False, "TensorRT runs on a GPU only (use --device cuda or another backend)"
+        try:
+            trt, cudart = _imports()
+        except BackendError as e:
+            return False, str(e)
+        try:
+            count = _check(cudart.cudaGetDeviceCount())
+        except BackendError as e:
+            return False, f"no usable CUDA device ({e})"
+        if not count:
+            return False, "no CUDA device found"
+        return True, f"TensorRT {trt.__version__}"
+
+    def __init__(self, export_dir: str, manifest: Manifest, device: str = "cuda") -> None:
+        super().__init__(export_dir, manifest, device)
+        ok, reason = self.available(device)
+        if not ok:
+            raise BackendError(reason)
+        trt, cudart = _imports()
+        self._trt, self._cudart = trt, cudart
+        self._dev_buffers: List[int] = []
+        self._pinned: List[_Pinned] = []
+        self._events: List[Any] = []
+        self.stream = None
+        self._check_build(trt)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.feature_engine = self._load(manifest.verify_file(export_dir, "feature.engine"))
+        self.temporal_engine = self._load(manifest.verify_file(export_dir, "temporal.engine"))
+        self.feature_ctx = self.feature_engine.create_execution_context()
+        self.temporal_ctx = self.temporal_engine.create_execution_context()
+        try:
+            self._allocate()
+        except BackendError:
+            self.close()
+            raise
+
+    def _check_build(self, trt: Any) -> None:
+        built = self.manifest.tensorrt or {}
+        if not built:
+            raise BackendError(f"{self.export_dir} has no TensorRT build record in its manifest; "
+                               f"{_REBUILD}")
+        name, cc = gpu_info()
+        problems = []
+        if str(built.get("version")) != trt.__version__:
+            problems.append(f"TensorRT {built.get('version')} (this is {trt.__version__})")
+        want_cc = built.get("compute_capability")
+        if want_cc is not None and str(want_cc) != cc:
+            problems.append(f"compute capability {want_cc} (this GPU, {name}, is {cc})")
+        elif want_cc is None and built.get("gpu") and str(built.get("gpu")) != name:
+            problems.append(f"GPU {built.get('gpu')} (this is {name})")
+        if problems:
+            raise BackendError(f"the engines in {self.export_dir} were built for "
+                               f"{' and '.join(problems)}; {_REBUILD}")
+
+    def _load(self, path: str) -> Any:
+        with open(path, "rb") as f:
+            engine = self._runtime.deserialize_cuda_engine(f.read())
+        if engine is None:
+            raise BackendError(f"TensorRT could not deserialize {path}; {_REBUILD}")
+        return engine
+
+    def _tensor(self, engine: Any, name: str) -> Tuple[Tuple[int, ...], np.dtype]:
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        if name not in names:
+            raise BackendError(f"engine in {self.export_dir} has no tensor '{name}' (has "
+                               f"{names}); {_REBUILD}")
+        shape = tuple(int(d) for d in engine.get_tensor_shape(name))
+        if any(d < 0 for d in shape):
+            raise BackendError(f"tensor '{name}' has a dynamic shape {shape}; the runtime needs "
+                               f"static engines: {_REBUILD}")
+        return shape, np.dtype(self._trt.nptype(engine.get_tensor_dtype(name)))
+
+    def _malloc(self, nbytes: int) -> int:
+        ptr = int(_check(self._cudart.cudaMalloc(nbytes)))
+        self._dev_buffers.append(ptr)
+        return ptr
+
+    def _allocate(self) -> None:
+        m, cudart = self.manifest, self._cudart
+        self.stream = _check(cudart.cudaStreamCreate())
+        self._events = [_check(cudart.cudaEventCreate()) for _ in range(3)]
+        fshape, fdtype = self._tensor(self.feature_engine, m.feature_output)
+        if list(fshape) != [int(d) for d in m.feature_shape] or fdtype != numpy_dtype(
+                m.feature_dtype):
+            raise BackendError(f"feature engine output {fshape} {fdtype} differs from the "
+                               f"manifest; {_REBUILD}")
+        self._slot_bytes = int(np.prod(fshape)) * fdtype.itemsize
+        self._make_ring([self._malloc(self._slot_bytes) for _ in range(m.ring_size)])
+
+        in_shape, _ = self._tensor(self.feature_engine, m.frame_input)
+        self._frame_host = _Pinned(in_shape, np.dtype(np.uint8))
+        self._pinned.append(self._frame_host)
+        self._frame_dev = self._malloc(self._frame_host.nbytes)
+        self.feature_ctx.set_tensor_address(m.frame_input, self._frame_dev)
+
+        lshape, ldtype = self._tensor(self.temporal_engine, m.labels_output)
+        self._labels_host = _Pinned(lshape, ldtype)
+        self._pinned.append(self._labels_host)
+        self._labels_dev = self._malloc(self._labels_host.nbytes)
+        self.temporal_ctx.set_tensor_address(m.labels_output, self._labels_dev)
+        if m.logits_output:
+            shape, dtype = self._tensor(self.temporal_engine, m.logits_output)
+            self.temporal_ctx.set_tensor_address(
+                m.logits_output, self._malloc(int(np.prod(shape)) * dtype.itemsize))
+
+    def describe(self) -> str:
+        name, cc = gpu_info()
+        return (f"trt {self._trt.__version__} on {name} (sm {cc}), ring of "
+                f"{self.manifest.ring_size} device buffers")
+
+    def _run_feature(self, frame: np.ndarray, slot: Any) -> None:
+        cudart, s = self._cudart, self.stream
+        np.copyto(self._frame_host.array, frame.reshape(self._frame_host.array.shape))
+        _check(cudart.cudaEventRecord(self._events[0], s))
+        _check(cudart.cudaMemcpyAsync(self._frame_dev, self._frame_host.ptr,
+                                      self._frame_host.nbytes,
+                                      cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, s))
+        self.feature_ctx.set_tensor_address(self.manifest.feature_output, int(slot))
+        if not self.feature_ctx.execute_async_v3(int(s)):
+            raise BackendError("TensorRT feature engine failed to enqueue")
+        _check(cudart.cudaEventRecord(self._events[1], s))
+
+    def _run_temporal(self, current: Any, past: List[Any]) -> np.ndarray:
+        cudart, s, m = self._cudart, self.stream, self.manifest
+        self.temporal_ctx.set_tensor_address(m.current_input, int(current))
+        for name, ptr in zip(m.past_inputs, past):
+            self.temporal_ctx.set_tensor_address(name, int(ptr))
+        if not self.temporal_ctx.execute_async_v3(int(s)):
+            raise BackendError("TensorRT temporal engine failed to enqueue")
+        _check(cudart.cudaMemcpyAsync(self._labels_host.ptr, self._labels_dev,
+                                      self._labels_host.nbytes,
+                                      cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, s))
+        _check(cudart.cudaEventRecord(self._events[2], s))
+        _check(cudart.cudaStreamSynchronize(s))
+        return self._labels_host.array.reshape(self.height, self.width).copy()
+
+    def _stage_seconds(self) -> Optional[Tuple[float, float]]:
+        e0, e1, e2 = self._events
+        feature_ms = _check(self._cudart.cudaEventElapsedTime(e0, e1))
+        temporal_ms = _check(self._cudart.cudaEventElapsedTime(e1, e2))
+        return feature_ms / 1e3, temporal_ms / 1e3
+
+    def push(self, frame: np.ndarray) -> Any:
+        slot = super().push(frame)
+        _check(self._cudart.cudaStreamSynchronize(self.stream))
+        return slot
+
+    def close(self) -> None:
+        cudart = getattr(self, "_cudart", None)
+        if cudart is None:
+            return
+        if self.stream is not None:
+            cudart.cudaStreamSynchronize(self.stream)
+        for ptr in self._dev_buffers:
+            cudart.cudaFree(ptr)
+        self._dev_buffers = []
+        for p in self._pinned:
+            p.free()
+        self._pinned = []
+        for ev in self._events:
+            cudart.cudaEventDestroy(ev)
+        self._events = []
+        if self.stream is not None:
+            cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+        for attr in ("feature_ctx", "temporal_ctx", "feature_engine", "temporal_engine"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+        self.ring = None

@@ -1,0 +1,249 @@
+"""Frame sources: a video file, a folder (of videos, VSPW frame folders or images), a camera
+index, or a stream URL. Each source yields videos; each video yields (frame_name, frame_bgr).
+
+    for video in open_source("clip.mp4"):
+        for name, frame in video.frames(): ...
+
+`Video.frames()` raises SourceError if the video turns out to be empty, or breaks off before
+the frame count its container announces (truncated); frames already yielded stay valid.
+`ReadAhead` runs a source in a decoder thread that fills a bounded queue.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import cv2
+import numpy as np
+
+VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class SourceError(RuntimeError):
+    """A source that cannot be read; the message names it and says what went wrong."""
+
+
+@dataclass
+class Video:
+    """One video of a source: a name (its output folder), how frames are named, the frames."""
+    name: str
+    kind: str                      # "file", "frames", "camera", "url"
+    origin: str                    # path, camera index or URL
+    fps: float = 25.0
+    count: Optional[int] = None    # frames announced by the container (None: unknown/endless)
+    _frames: Callable[[], Iterator[Tuple[str, np.ndarray]]] = field(repr=False, default=None)
+
+    def frames(self) -> Iterator[Tuple[str, np.ndarray]]:
+        return self._frames()
+
+
+def _natural_key(s: str) -> List[object]:
+    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", s)]
+
+
+def _capture(origin, what: str) -> "cv2.VideoCapture":
+    cap = cv2.VideoCapture(origin)
+    if not cap.isOpened():
+        cap.release()
+        raise SourceError(what)
+    return cap
+
+
+def _capture_frames(cap: "cv2.VideoCapture", origin: str, count: Optional[int],
+                    named: bool = True) -> Iterator[Tuple[str, np.ndarray]]:
+    """Frames of an open capture named %06d; checks emptiness and truncation."""
+    n = 0
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok or frame is None:
+                break
+            yield f"{n:06d}", frame
+            n += 1
+    finally:
+        cap.release()
+    if n == 0:
+        raise SourceError(f"{origin}: the video has no frames (empty)")
+    if count is not None and n < count:
+        raise SourceError(f"{origin}: the video breaks off at frame {n} of {count} (truncated); "
+                          f"the masks of frames 0..{n - 1} were written")
+
+
+def _video_file(path: str, name: Optional[str] = None) -> Video:
+    if os.path.getsize(path) == 0:
+        raise SourceError(f"{path}: the file is empty (0 bytes)")
+    cap = _capture(path, f"{path}: cannot open as a video (not a video, or damaged/truncated)")
+    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    return Video(name or os.path.splitext(os.path.basename(path))[0], "file", path, float(fps),
+                 count if count > 0 else None,
+                 lambda: _capture_frames(cap, path, count if count > 0 else None))
+
+
+def _image_frames(files: List[str]) -> Iterator[Tuple[str, np.ndarray]]:
+    for path in files:
+        frame = cv2.imread(path, cv2.IMREAD_COLOR)
+        if frame is None:
+            raise SourceError(f"{path}: cannot read the image (not an image, or damaged)")
+        yield os.path.splitext(os.path.basename(path))[0], frame
+
+
+def _image_folder(folder: str, name: str) -> Optional[Video]:
+    files = sorted((os.path.join(folder, f) for f in os.listdir(folder)
+                    if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")),
+                   key=lambda p: _natural_key(os.path.basename(p)))
+    if not files:
+        return None
+    return Video(name, "frames", folder, 25.0, len(files), lambda: _image_frames(files))
+
+
+def _folder(path: str) -> List[Video]:
+    path = os.path.normpath(path)
+    base = os.path.basename(os.path.abspath(path))
+    if os.path.isdir(os.path.join(path, "origin")):          # one VSPW video folder
+        v = _image_folder(os.path.join(path, "origin"), base)
+        return [v] if v else []
+    root = os.path.join(path, "data") if os.path.isdir(os.path.join(path, "data")) else path
+    entries = sorted(os.listdir(root), key=_natural_key)
+    vspw = [e for e in entries if os.path.isdir(os.path.join(root, e, "origin"))]
+    if vspw:                                                   # VSPW root or its data/ folder
+        videos = [_image_folder(os.path.join(root, e, "origin"), e) for e in vspw]
+        return [v for v in videos if v is not None]
+    files = [e for e in entries if not e.startswith(".")]
+    vids = [e for e in files if e.lower().endswith(VIDEO_EXTS)]
+    if vids:                                                   # a folder of video files
+        return [_lazy_video(os.path.join(path, e)) for e in vids]
+    v = _image_folder(path, base)                              # a folder of images
+    return [v] if v else []
+
+
+def _lazy_video(path: str) -> Video:
+    """A video of a folder, opened only when its turn comes (one decoder open at a time)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+
+    def frames() -> Iterator[Tuple[str, np.ndarray]]:
+        yield from _video_file(path, name).frames()
+    return Video(name, "file", path, 25.0, None, frames)
+
+
+def _stream(origin, name: str, kind: str, what: str) -> Video:
+    cap = _capture(origin, what)
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    return Video(name, kind, str(origin), float(fps) if 0 < fps < 1000 else 25.0, None,
+                 lambda: _capture_frames(cap, str(origin), None))
+
+
+def open_source(source: str) -> List[Video]:
+    """The videos of a source; raises SourceError with one line when it cannot be used."""
+    source = str(source)
+    if source.isdigit():
+        index = int(source)
+        return [_stream(index, f"camera{index}", "camera",
+                        f"camera {index} does not open (no such camera, in use, or no "
+                        f"permission)")]
+    if _URL.match(source):
+        tail = re.sub(r"[^A-Za-z0-9_.-]+", "_", source.split("://", 1)[1].rstrip("/"))
+        name = tail.rsplit("_", 1)[-1] or "stream"
+        return [_stream(source, os.path.splitext(name)[0] or "stream", "url",
+                        f"{source}: the stream does not open (unreachable, or not a video "
+                        f"stream OpenCV's FFmpeg can read)")]
+    if not os.path.exists(source):
+        raise SourceError(f"{source}: no such file or folder")
+    if os.path.isdir(source):
+        videos = _folder(source)
+        if not videos:
+            raise SourceError(f"{source}: the folder holds no videos, VSPW <video>/origin/ "
+                              f"frame folders or images")
+        return videos
+    if source.lower().endswith(IMAGE_EXTS):
+        v = Video(os.path.splitext(os.path.basename(source))[0], "frames", source, 25.0, 1,
+                  lambda: _image_frames([source]))
+        return [v]
+    return [_video_file(source)]
+
+
+# -- the decoder thread ------------------------------------------------------------------------
+VIDEO, FRAME, END, ERROR, DONE = "video", "frame", "end", "error", "done"
+
+
+class ReadAhead:
+    """Decode a source in a thread into a bounded queue of events.
+
+    Events: (VIDEO, Video), (FRAME, name, frame_bgr, decode_seconds), (END, Video),
+    (ERROR, SourceError), (DONE,). The queue holds at most `depth` events, so memory stays flat
+    however long the stream. `close()` stops the thread (also mid-video) and joins it.
+    """
+
+    def __init__(self, videos: List[Video], depth: int = 8,
+                 max_frames: Optional[int] = None) -> None:
+        self.queue: "queue.Queue[tuple]" = queue.Queue(maxsize=depth)
+        self._videos = videos
+        self._max_frames = max_frames
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="tbn-decoder", daemon=True)
+        self.thread.start()
+
+    def _put(self, item: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        left = self._max_frames
+        try:
+            for video in self._videos:
+                if left is not None and left <= 0:
+                    break
+                if not self._put((VIDEO, video)):
+                    return
+                it = video.frames()
+                try:
+                    while left is None or left > 0:
+                        t0 = time.perf_counter()
+                        try:
+                            name, frame = next(it)
+                        except StopIteration:
+                            break
+                        if not self._put((FRAME, name, frame, time.perf_counter() - t0)):
+                            return
+                        if left is not None:
+                            left -= 1
+                finally:
+                    close = getattr(it, "close", None)
+                    if close is not None:
+                        close()
+                if not self._put((END, video)):
+                    return
+            self._put((DONE,))
+        except SourceError as e:
+            self._put((ERROR, e))
+        except Exception as e:  # a decoder crash must reach the main thread, not vanish
+            self._put((ERROR, SourceError(f"decoding failed: {type(e).__name__}: {e}")))
+
+    def __iter__(self) -> Iterator[tuple]:
+        while True:
+            item = self.queue.get()
+            yield item
+            if item[0] in (DONE, ERROR):
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.05)

@@ -1,0 +1,124 @@
+"""Shared helpers of the tbn_runtime tests: one small export per session, synthetic videos,
+the PyTorch clip reference, and a subprocess runner for tbn-run with torch blocked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Dict, List, Sequence
+
+import cv2
+import numpy as np
+
+EXPORT_H, EXPORT_W = 64, 96
+_CACHE: Dict[str, str] = {}
+
+
+def get_export(tmp_path_factory) -> str:
+    """Export dir of a random-init tbn_tiny (BN stats perturbed) at 64 x 96, made once."""
+    if "dir" in _CACHE:
+        return _CACHE["dir"]
+    import torch
+    from tbn_export.onnx_export import export_onnx
+    from tbn_train.checkpoint import save_checkpoint
+    from tbn_train.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tbn_tiny").eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
+    out = str(tmp_path_factory.mktemp("export"))
+    ckpt = os.path.join(out, "model.safetensors")
+    save_checkpoint(ckpt, model)
+    export_onnx(model, out, EXPORT_H, EXPORT_W, checkpoint_path=ckpt)
+    _CACHE["dir"] = out
+    return out
+
+
+def synthetic_frames(n: int, h: int, w: int, seed: int = 0) -> List[np.ndarray]:
+    """Moving shapes on a textured background: content that changes frame to frame."""
+    rng = np.random.default_rng(seed)
+    base = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), (5, 5), 0)
+    frames = []
+    for t in range(n):
+        f = np.roll(base, 2 * t, axis=1).copy()
+        cv2.circle(f, ((5 + 3 * t) % w, h // 2), max(h // 5, 3), (255, 40 + 5 * t % 200, 20), -1)
+        cv2.rectangle(f, (w // 2, (2 * t) % h), (w // 2 + w // 6, (2 * t) % h + h // 5),
+                      (10, 200, 255 - 7 * t % 255), -1)
+        frames.append(f)
+    return frames
+
+
+def write_video(path: str, frames: Sequence[np.ndarray], fourcc: str = "mp4v",
+                fps: float = 10.0) -> str:
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
+    assert writer.isOpened()
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    return path
+
+
+def decode(path: str) -> List[np.ndarray]:
+    cap = cv2.VideoCapture(path)
+    frames = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        frames.append(f)
+    cap.release()
+    return frames
+
+
+_REFS: Dict[str, List[np.ndarray]] = {}
+
+
+def reference_labels(export_dir: str, frames: Sequence[np.ndarray],
+                     key: str = "") -> List[np.ndarray]:
+    """PyTorch clip inference: model(clip) with clip_indices, frames resized as the stream does,
+    labels resized back with INTER_NEAREST. Cached under `key` when given."""
+    if key and key in _REFS:
+        return _REFS[key]
+    import torch
+    from tbn_runtime.manifest import load_manifest
+    from tbn_runtime.preprocess import normalize_bgr
+    from tbn_runtime.temporal import clip_indices
+    from tbn_train.checkpoint import load_model
+
+    man = load_manifest(export_dir)
+    model, _ = load_model(man.checkpoint["path"])
+    h, w = man.height, man.width
+    x = torch.stack([torch.from_numpy(normalize_bgr(
+        f if f.shape[:2] == (h, w) else cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR)))
+        for f in frames])
+    out = []
+    with torch.no_grad():
+        for t in range(len(frames)):
+            lab = model(x[clip_indices(t, man.temporal_offsets)][None]).argmax(1)[0]
+            lab = lab.numpy().astype(np.uint8)
+            sh, sw = frames[t].shape[:2]
+            if (sh, sw) != (h, w):
+                lab = cv2.resize(lab, (sw, sh), interpolation=cv2.INTER_NEAREST)
+            out.append(lab)
+    if key:
+        _REFS[key] = out
+    return out
+
+
+NO_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['tbn_train'] = None; "
+            "from tbn_runtime.cli import main; sys.exit(main())")
+
+
+def tbn_run(*args: str, block_torch: bool = True, timeout: float = 120):
+    """Run tbn-run in a subprocess (torch blocked by default); returns CompletedProcess."""
+    cmd = [sys.executable, "-c", NO_TORCH] if block_torch else [sys.executable, "-m",
+                                                                 "tbn_runtime"]
+    return subprocess.run(cmd + ["--no-progress", *args], capture_output=True, text=True,
+                          timeout=timeout)
