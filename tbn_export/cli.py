@@ -1,0 +1,268 @@
+"""tbn-export: checkpoint -> export directory (feature.onnx, temporal.onnx, manifest.json, and
+feature.engine / temporal.engine where TensorRT is present).
+
+    tbn-export [--checkpoint runs/tbn/best.safetensors] [--out runs/tbn/export] [--fp16]
+               [--height H --width W] [--logits] [--verify [--video FILE]] [--overwrite]
+    tbn-export --engine-only --out DIR      # engines for an existing export, on the target GPU
+
+The export is made in a temporary directory beside --out and renamed into place: the directory
+holds a whole export or the previous one, never half of each. A user's mistake gets one line on
+stderr and exit code 2; a failed --verify exit code 1 (and nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from typing import List, Optional, Tuple
+
+DEFAULT_CHECKPOINT = "runs/tbn/best.safetensors"
+DEFAULT_OUT = "runs/tbn/export"
+#: VSPW's 480p frames (480 x 853) with the width rounded up to a multiple of 32.
+DEFAULT_SIZE = (480, 864)
+ENGINE_HINT = ("to build TensorRT engines later, on the target machine: "
+               "pip install 'tbn-vit[gpu]' && tbn-export --engine-only --out {out}")
+
+
+class UsageError(Exception):
+    """A bad command line or input: one line for the user, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error, and no SystemExit
+        raise UsageError(f"{message} (see tbn-export --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tbn-export", description="Export a TBN-ViT checkpoint as two ONNX graphs "
+                "(+ TensorRT engines where TensorRT is installed) and a manifest.")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help=f"checkpoint written by tbn-train (default {DEFAULT_CHECKPOINT})")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"export directory (default {DEFAULT_OUT})")
+    p.add_argument("--fp16", action="store_true",
+                   help="fp16 graphs (LayerNorm, Softmax, reductions stay fp32); fp16 features")
+    p.add_argument("--height", type=int, default=None,
+                   help="export height (default: the checkpoint config's eval_size, else its "
+                        f"crop_size, else {DEFAULT_SIZE[0]})")
+    p.add_argument("--width", type=int, default=None,
+                   help=f"export width (default: as --height, else {DEFAULT_SIZE[1]})")
+    p.add_argument("--logits", action="store_true", help="temporal graph also outputs logits")
+    p.add_argument("--verify", action="store_true",
+                   help="compare the ONNX graphs with PyTorch before writing the export")
+    p.add_argument("--video", default=None, help="frames for --verify (default: synthetic)")
+    p.add_argument("--verify-frames", type=int, default=14,
+                   help="frames --verify runs (default 14: covers the first 9, where the past "
+                        "indices clamp to frame 0)")
+    p.add_argument("--engine-only", action="store_true",
+                   help="build TensorRT engines for the export in --out (no checkpoint needed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out that holds another model's export or other files")
+    p.add_argument("--workspace-gb", type=float, default=4.0,
+                   help="TensorRT builder workspace limit in GiB (default 4)")
+    p.add_argument("--trt-log-level", default="warning",
+                   choices=("verbose", "info", "warning", "error", "internal_error"),
+                   help="TensorRT logger severity (default warning)")
+    return p
+
+
+def _export_size(args, meta) -> Tuple[int, int, str]:
+    """(height, width, where it came from)."""
+    config = meta.get("config") or {}
+    for key in ("eval_size", "crop_size"):
+        size = config.get(key)
+        if isinstance(size, (list, tuple)) and len(size) == 2:
+            source = f"the checkpoint config's {key}"
+            break
+    else:
+        size, source = DEFAULT_SIZE, "the default (the checkpoint config has no eval/crop size)"
+    if args.height is not None and args.width is not None:
+        return args.height, args.width, "--height/--width"
+    if args.height is not None or args.width is not None:
+        h = args.height if args.height is not None else int(size[0])
+        w = args.width if args.width is not None else int(size[1])
+        return h, w, f"--height/--width, the other from {source}"
+    return int(size[0]), int(size[1]), source
+
+
+def _check_out_dir(out: str, model_name: str, overwrite: bool) -> Optional[str]:
+    """Refuse an --out that holds another model's export or unrelated files (unless --overwrite).
+
+    The export of the same model (e.g. from a newer checkpoint of the same training run) is
+    replaced: that is what re-running the default chain tbn-train -> tbn-export does. Returns a
+    note on what is replaced, or None.
+    """
+    from tbn_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return None
+    if overwrite:
+        return f"replacing the contents of {out} (--overwrite)"
+    if not os.path.isfile(os.path.join(out, MANIFEST_NAME)):
+        raise UsageError(f"--out {out} is not empty and holds no tbn-vit export; pass "
+                         f"--overwrite to replace it, or choose another --out")
+    try:
+        old = load_manifest(out)
+    except ManifestError:
+        raise UsageError(f"--out {out} holds an unreadable export; pass --overwrite to replace "
+                         f"it") from None
+    if old.model != model_name:
+        raise UsageError(f"--out {out} holds the export of model '{old.model}', not "
+                         f"'{model_name}'; pass --overwrite to replace it, or choose another --out")
+    return (f"replacing the {old.precision} export of {old.model} in {out} (from "
+            f"{(old.checkpoint or {}).get('path')})")
+
+
+def _install(tmp: str, out: str) -> None:
+    """Rename tmp to out; an existing out is moved aside first and removed after."""
+    backup = None
+    if os.path.exists(out):
+        backup = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.old-{os.getpid()}")
+        os.replace(out, backup)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, out)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _size_mb(path: str) -> str:
+    return f"{os.path.getsize(path) / 1e6:.2f} MB"
+
+
+def _engine_only(args) -> int:
+    from tbn_runtime.manifest import load_manifest
+
+    from .tensorrt_build import EngineBuildError, build_engines, tensorrt_available
+
+    manifest = load_manifest(args.out)
+    ok, why = tensorrt_available()
+    if not ok:
+        raise UsageError(f"TensorRT is not available here ({why}); on the target machine: "
+                         f"pip install 'tbn-vit[gpu]' && tbn-export --engine-only --out {args.out}")
+    t0 = time.perf_counter()
+    try:
+        manifest = build_engines(args.out, args.workspace_gb, args.trt_log_level, manifest)
+    except EngineBuildError as e:
+        raise UsageError(f"{e}; the ONNX export in {args.out} is unchanged") from None
+    print(f"built TensorRT {manifest.tensorrt['version']} engines in {args.out} for "
+          f"{manifest.tensorrt['gpu']} (sm {manifest.tensorrt['compute_capability']}) in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _export(args) -> int:
+    from tbn_train.checkpoint import load_model
+
+    from .onnx_export import FEATURE_ONNX, TEMPORAL_ONNX, check_export_size, export_onnx
+    from .tensorrt_build import EngineBuildError, build_engines, tensorrt_available
+
+    if args.height is not None or args.width is not None:  # fail fast, before loading weights
+        check_export_size(args.height if args.height is not None else 32,
+                          args.width if args.width is not None else 32)
+    if args.verify_frames < 1:
+        raise UsageError(f"--verify-frames must be >= 1, got {args.verify_frames}")
+    if args.video is not None and not args.verify:
+        raise UsageError("--video is only used with --verify")
+    if args.video is not None and not os.path.isfile(args.video):
+        raise UsageError(f"video not found: {args.video}")
+    if args.workspace_gb <= 0:
+        raise UsageError(f"--workspace-gb must be positive, got {args.workspace_gb}")
+
+    model, meta = load_model(args.checkpoint)
+    height, width, source = _export_size(args, meta)
+    height, width = check_export_size(height, width)
+    out = os.path.abspath(args.out)
+    replacing = _check_out_dir(out, model.model_name, args.overwrite)
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        t0 = time.perf_counter()
+        manifest = export_onnx(model, tmp, height, width, fp16=args.fp16, logits=args.logits,
+                               checkpoint_path=args.checkpoint)
+        t_export = time.perf_counter() - t0
+        print(f"exported {manifest.model} ({manifest.precision}) at {height}x{width} (size from "
+              f"{source}) in {t_export:.1f} s: {FEATURE_ONNX} "
+              f"{_size_mb(os.path.join(tmp, FEATURE_ONNX))}, {TEMPORAL_ONNX} "
+              f"{_size_mb(os.path.join(tmp, TEMPORAL_ONNX))}; feature "
+              f"{'x'.join(map(str, manifest.feature_shape))} {manifest.feature_dtype}")
+
+        if args.verify:
+            from .verify import synthetic_frames, verify_export, video_frames
+
+            if args.video:
+                frames = video_frames(args.video, args.verify_frames, height, width)
+                what = f"{len(frames)} frames of {args.video}"
+            else:
+                frames = synthetic_frames(args.verify_frames, height, width)
+                what = f"{len(frames)} synthetic frames"
+            result = verify_export(tmp, model, frames)
+            print(f"verify: ONNX Runtime (CPU) vs PyTorch on {what}")
+            print(result.table())
+            if not result.ok:
+                print(f"tbn-export: verification failed; nothing written to {out}",
+                      file=sys.stderr)
+                return 1
+
+        ok, why = tensorrt_available()
+        engine_error = None
+        if ok:
+            t0 = time.perf_counter()
+            try:
+                build_engines(tmp, args.workspace_gb, args.trt_log_level)
+                print(f"built TensorRT engines in {time.perf_counter() - t0:.1f} s")
+            except EngineBuildError as e:
+                engine_error = str(e)
+        _install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if replacing:
+        print(replacing)
+    print(f"wrote {out}")
+    if engine_error is not None:
+        raise UsageError(f"{engine_error}; the ONNX export in {out} is complete "
+                         f"(retry with tbn-export --engine-only --out {out})")
+    if not ok:
+        print(f"TensorRT not available here ({why}); " + ENGINE_HINT.format(out=out))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from tbn_runtime.manifest import ManifestError
+    from tbn_train.checkpoint import CheckpointError
+    from tbn_train.models import BackboneError
+
+    from .onnx_export import ExportError
+    from .verify import VerifyError
+
+    try:
+        args = build_parser().parse_args(argv)
+        if args.engine_only:
+            return _engine_only(args)
+        return _export(args)
+    except UsageError as e:
+        print(f"tbn-export: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, BackboneError, ExportError, ManifestError, VerifyError,
+            OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        print(f"tbn-export: {first}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tbn-export: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Export a model as two ONNX graphs (feature.onnx, temporal.onnx) plus manifest.json.
+
+feature.onnx   frame uint8 [1, H, W, 3] BGR -> feature [1, C, h, w] (h = ceil32(H) / 8)
+               BGR->RGB, float, (x - mean) / std and NHWC->NCHW happen inside the graph, exactly
+               as tbn_runtime.preprocess.normalize_bgr does on the host.
+temporal.onnx  current, past_3, past_6, past_9 (past_{k} for k in model.temporal_offsets, in
+               that order; only `current` for image models) -> labels uint8 [1, H, W] (argmax
+               inside the graph), plus logits float32 [1, K, H, W] with logits=True.
+
+Shapes are static: batch 1 at the export size. With fp16=True both graphs are converted by
+tbn_export.fp16 (fp16 weights and arithmetic; LayerNorm, Softmax and reductions in fp32); the
+feature then travels between the engines as float16, which halves the ring.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from tbn_runtime.classes import VSPW_CLASSES, make_palette
+from tbn_runtime.files import atomic_write, sha256_file
+from tbn_runtime.manifest import Manifest
+from tbn_runtime.preprocess import MEAN_RGB, STD_RGB
+
+#: opset 17 is the first with LayerNormalization as one op (kept fp32 by the fp16 pass, fused by
+#: TensorRT); TensorRT 10 and 11 and onnxruntime >= 1.12 all read it.
+OPSET = 17
+MIN_SIZE = 32
+FEATURE_ONNX = "feature.onnx"
+TEMPORAL_ONNX = "temporal.onnx"
+#: ops a deployable graph must not contain (training-only, or not eval-folded).
+TRAINING_OPS = ("Dropout", "BatchNormalization")
+
+
+class ExportError(ValueError):
+    """An export that cannot be made as asked; the message says why and what to change."""
+
+
+# -- the two deployable halves ---------------------------------------------------------------
+class FeatureGraph(nn.Module):
+    """uint8 [1, H, W, 3] BGR frame -> the frame's feature F_t (preprocessing in the graph)."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float] = MEAN_RGB,
+                 std: Sequence[float] = STD_RGB):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, frame: torch.Tensor) -> torch.Tensor:
+        # Cast first: TensorRT takes a uint8 network input only straight into a Cast to
+        # float32/float16 (DataType.UINT8 in its API reference). Then NHWC->NCHW, BGR->RGB and
+        # the same subtract-then-divide as normalize_bgr, so the two agree to float rounding.
+        x = frame.float().permute(0, 3, 1, 2).flip(1)
+        x = (x - self.mean) / self.std
+        return self.model.frame_features(x)
+
+
+class TemporalGraph(nn.Module):
+    """F_t and the past features (offsets order) -> uint8 labels [1, H, W] (+ float logits)."""
+
+    def __init__(self, model: nn.Module, height: int, width: int, logits: bool = False):
+        super().__init__()
+        self.model = model
+        self.out_size = (int(height), int(width))
+        self.with_logits = logits
+
+    def forward(self, current: torch.Tensor, *past: torch.Tensor):
+        logits = self.model.temporal_head(current, list(past), out_size=self.out_size)
+        # argmax picks the first maximum, as ONNX ArgMax with select_last_index=0 does. Train
+        # ids fit a byte, so uint8 labels leave the graph; the detour through float is for
+        # TensorRT, which converts to uint8 only from float32/float16 (not from int32/int64).
+        labels = logits.argmax(dim=1).to(logits.dtype).to(torch.uint8)
+        if self.with_logits:
+            return labels, logits.float()
+        return labels
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def check_export_size(height: int, width: int) -> Tuple[int, int]:
+    """Validate an export size: integers >= 32 (the graph pads to a multiple of 32 itself)."""
+    try:
+        h, w = int(height), int(width)
+    except (TypeError, ValueError):
+        raise ExportError(f"export size must be integers, got {height!r} x {width!r}") from None
+    if h != height or w != width:
+        raise ExportError(f"export size must be integers, got {height!r} x {width!r}")
+    if h < MIN_SIZE or w < MIN_SIZE:
+        raise ExportError(f"export size {h}x{w} is too small: height and width must be at least "
+                          f"{MIN_SIZE} (any size >= {MIN_SIZE} works; the graph pads to 32)")
+    return h, w
+
+
+def feature_shape_of(model: nn.Module, height: int, width: int) -> List[int]:
+    """[1, C, ceil32(H)/s, ceil32(W)/s] for the model's feature_chs and feature_stride."""
+    d, s = model.size_divisor, model.feature_stride
+    ph, pw = -(-height // d) * d, -(-width // d) * d
+    return [1, int(model.feature_chs), ph // s, pw // s]
+
+
+def class_vocabulary(num_classes: int) -> Tuple[List[str], List[List[int]]]:
+    """Class names and RGB palette for the manifest (VSPW's 124, else generic names)."""
+    if num_classes == len(VSPW_CLASSES):
+        names = list(VSPW_CLASSES)
+    else:
+        names = [f"class_{i}" for i in range(num_classes)]
+    palette = make_palette(max(256, num_classes))[:num_classes]
+    return names, [[int(c) for c in rgb] for rgb in palette]
+
+
+def package_versions() -> Dict[str, Optional[str]]:
+    """Versions of the libraries the export was made with (None where absent)."""
+    versions: Dict[str, Optional[str]] = {"torch": torch.__version__, "onnx": onnx.__version__}
+    for name in ("onnxruntime", "onnxslim", "onnxconverter_common", "timm", "tensorrt"):
+        try:
+            module = __import__(name)
+            versions[name] = getattr(module, "__version__", "unknown")
+        except Exception:  # absent, or a broken install (tensorrt without its libraries)
+            versions[name] = None
+    return versions
+
+
+def _torch_onnx_export(module: nn.Module, args: Tuple[torch.Tensor, ...], input_names: List[str],
+                       output_names: List[str]) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    kwargs = dict(input_names=input_names, output_names=output_names, opset_version=OPSET,
+                  do_constant_folding=True, export_params=True,
+                  training=torch.onnx.TrainingMode.EVAL)
+    # The TorchScript exporter (dynamo=False): it exists from torch 2.4 to 2.14, needs nothing
+    # beyond torch, folds eval-mode BatchNorm into the convolutions and traces the static shapes
+    # we want. The dynamo exporter needs onnxscript (not a dependency), and torch 2.4 has no
+    # `dynamo` argument at all (it was added in 2.5; from 2.9 it defaults to True), hence the
+    # signature check.
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation notices of the TorchScript exporter
+        with torch.no_grad():
+            torch.onnx.export(module, args, buf, **kwargs)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxslim (constant folding, dead-node removal, shape inference) when it is installed and
+    succeeds; otherwise the graph as exported (the TorchScript exporter already folds constants)."""
+    try:
+        import onnxslim
+    except ImportError:
+        return model
+    try:
+        slim = onnxslim.slim(model)
+    except Exception as e:  # a slim failure must not lose the export
+        warnings.warn(f"onnxslim failed ({e.__class__.__name__}: {e}); keeping the graph as "
+                      f"exported")
+        return model
+    return slim if isinstance(slim, onnx.ModelProto) else model
+
+
+def check_graph(model: onnx.ModelProto, name: str) -> None:
+    """onnx.checker plus: no training-only nodes."""
+    onnx.checker.check_model(model)
+    bad = sorted({n.op_type for n in model.graph.node if n.op_type in TRAINING_OPS})
+    if bad:
+        raise ExportError(f"{name} contains training-only nodes {bad}; export the model in eval "
+                          f"mode")
+
+
+def _save_onnx(model: onnx.ModelProto, path: str) -> None:
+    atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
+
+
+def _fix_output_dtype(model: onnx.ModelProto, name: str, elem_type: int) -> None:
+    """Make graph output `name` elem_type, appending a Cast where the fp16 pass changed it."""
+    for out in model.graph.output:
+        if out.name == name and out.type.tensor_type.elem_type != elem_type:
+            inner = name + "_before_cast"
+            for node in model.graph.node:
+                node.output[:] = [inner if o == name else o for o in node.output]
+                node.input[:] = [inner if i == name else i for i in node.input]
+            model.graph.node.append(onnx.helper.make_node(
+                "Cast", [inner], [name], to=elem_type, name=name + "_cast"))
+            out.type.tensor_type.elem_type = elem_type
+
+
+# -- the export ------------------------------------------------------------------------------------
+def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: bool = False,
+                logits: bool = False, checkpoint_path: Optional[str] = None) -> Manifest:
+    """Write feature.onnx, temporal.onnx and manifest.json for `model` into out_dir.
+
+    The model is put in eval mode. The files are written in place (each one atomically); the
+    CLI exports into a temporary directory and renames it, so a whole export appears at once.
+    """
+    height, width = check_export_size(height, width)
+    # The auxiliary training heads (aux16/aux32) are not on the path frame_features ->
+    # temporal_head, so tracing leaves them out; check_graph rejects training-only nodes.
+    model = model.eval()
+    offsets = [int(k) for k in getattr(model, "temporal_offsets", ())]
+    past_names = [f"past_{k}" for k in offsets]
+    os.makedirs(out_dir, exist_ok=True)
+
+    # Feature graph
+    feature_graph = FeatureGraph(model).eval()
+    frame = torch.randint(0, 256, (1, height, width, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feature = feature_graph(frame)
+    expected = feature_shape_of(model, height, width)
+    if list(feature.shape) != expected:
+        raise ExportError(f"{model.__class__.__name__}.frame_features gives {list(feature.shape)} "
+                          f"at {height}x{width}, expected {expected}")
+    feat_onnx = simplify(_torch_onnx_export(feature_graph, (frame,), ["frame"], ["feature"]))
+
+    # Temporal graph
+    temporal_graph = TemporalGraph(model, height, width, logits=logits).eval()
+    inputs = (feature,) + tuple(feature.clone() for _ in offsets)
+    out_names = ["labels", "logits"] if logits else ["labels"]
+    temp_onnx = simplify(_torch_onnx_export(temporal_graph, inputs, ["current"] + past_names,
+                                            out_names))
+
+    feature_dtype = "float32"
+    if fp16:
+        from .fp16 import convert_feature_graph, convert_temporal_graph
+        feat_onnx = convert_feature_graph(feat_onnx)
+        temp_onnx = convert_temporal_graph(temp_onnx)
+        if logits:
+            _fix_output_dtype(temp_onnx, "logits", onnx.TensorProto.FLOAT)
+        feature_dtype = "float16"
+
+    check_graph(feat_onnx, FEATURE_ONNX)
+    check_graph(temp_onnx, TEMPORAL_ONNX)
+    _save_onnx(feat_onnx, os.path.join(out_dir, FEATURE_ONNX))
+    _save_onnx(temp_onnx, os.path.join(out_dir, TEMPORAL_ONNX))
+
+    names, palette = class_vocabulary(int(model.num_classes))
+    checkpoint = {"path": None, "sha256": None}
+    if checkpoint_path is not None:
+        checkpoint = {"path": os.path.abspath(checkpoint_path),
+                      "sha256": sha256_file(checkpoint_path)}
+    manifest = Manifest(
+        model=str(getattr(model, "model_name", model.__class__.__name__)),
+        num_classes=int(model.num_classes),
+        class_names=names,
+        palette=palette,
+        height=height,
+        width=width,
+        mean=[float(v) for v in MEAN_RGB],
+        std=[float(v) for v in STD_RGB],
+        feature_shape=expected,
+        feature_dtype=feature_dtype,
+        temporal_offsets=offsets,
+        precision="fp16" if fp16 else "fp32",
+        past_inputs=past_names,
+        logits_output="logits" if logits else None,
+        checkpoint=checkpoint,
+        versions=package_versions(),
+    )
+    manifest.add_file(out_dir, FEATURE_ONNX)
+    manifest.add_file(out_dir, TEMPORAL_ONNX)
+    manifest.save(out_dir)
+    return manifest
+
+
+def graph_io(model: onnx.ModelProto) -> Dict[str, Dict[str, Tuple[str, List[int]]]]:
+    """{"inputs": {name: (dtype, shape)}, "outputs": {...}} of an ONNX graph (for tests/verify)."""
+    def describe(values) -> Dict[str, Tuple[str, List[int]]]:
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+            out[v.name] = (dtype, [d.dim_value for d in t.shape.dim])
+        return out
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}

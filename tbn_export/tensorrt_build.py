@@ -1,0 +1,209 @@
+"""Build TensorRT engines from an export directory (feature.engine, temporal.engine).
+
+Written against the documented TensorRT 10/11 Python API: a strongly typed network
+(NetworkDefinitionCreationFlag.STRONGLY_TYPED: the precision is the ONNX graph's, which is the
+only way TensorRT 11 offers, since it removed the FP16/INT8 builder flags), the ONNX parser, a
+workspace limit, and a timing cache kept in the export directory (timing.cache) so that
+rebuilding, or building the second engine, reuses the tactic timings.
+
+`import tensorrt` happens inside the functions: this module imports on any machine and the
+rest of tbn_export never needs TensorRT. Build failures raise EngineBuildError naming the ONNX
+node / layer that failed; the ONNX files are never touched.
+
+NOTE: this module could not be run where it was written (no GPU, TensorRT not installable); it
+follows NVIDIA's API reference and samples. tests/test_export.py runs it where tensorrt imports
+and a GPU is present.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+from tbn_runtime.files import atomic_write
+from tbn_runtime.manifest import Manifest, load_manifest
+
+TIMING_CACHE = "timing.cache"
+ENGINES = (("feature.onnx", "feature.engine"), ("temporal.onnx", "temporal.engine"))
+LOG_LEVELS = ("verbose", "info", "warning", "error", "internal_error")
+
+
+class EngineBuildError(RuntimeError):
+    """A TensorRT parse or build failure; the message names the failing node or layer."""
+
+
+def tensorrt_available() -> Tuple[bool, str]:
+    """(True, version) when `import tensorrt` works, else (False, why)."""
+    try:
+        import tensorrt as trt  # noqa: F401
+    except Exception as e:  # ImportError, or a wheel whose CUDA libraries are missing
+        return False, f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return True, trt.__version__
+
+
+def gpu_info() -> Dict[str, Optional[str]]:
+    """{"gpu": name, "compute_capability": "9.0"} of device 0 via cuda-python, else torch.cuda."""
+    try:
+        from cuda.bindings import runtime as cudart
+
+        err, props = cudart.cudaGetDeviceProperties(0)
+        if int(err) == 0:  # cudaSuccess
+            name = props.name
+            name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+            return {"gpu": name.rstrip("\x00").strip(),
+                    "compute_capability": f"{props.major}.{props.minor}"}
+    except Exception:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return {"gpu": torch.cuda.get_device_name(0),
+                    "compute_capability": f"{major}.{minor}"}
+    except Exception:
+        pass
+    return {"gpu": None, "compute_capability": None}
+
+
+def _make_logger(trt, level: str):
+    """A trt.ILogger that prints at `level` and above and keeps every error message."""
+    severities = {
+        "verbose": trt.Logger.VERBOSE, "info": trt.Logger.INFO, "warning": trt.Logger.WARNING,
+        "error": trt.Logger.ERROR, "internal_error": trt.Logger.INTERNAL_ERROR,
+    }
+    if level not in severities:
+        raise ValueError(f"TensorRT log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    threshold = severities[level]
+
+    class CapturingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: List[str] = []
+
+        def log(self, severity, msg):  # lower enum value = more severe
+            if int(severity) <= int(trt.Logger.ERROR):
+                self.errors.append(str(msg))
+            if int(severity) <= int(threshold):
+                print(f"[TensorRT] {msg}", flush=True)
+
+    return CapturingLogger()
+
+
+def _parser_errors(parser) -> str:
+    parts = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        node_name = ""
+        for attr in ("node_name", "node_operator"):  # TensorRT >= 10; older: node() index only
+            fn = getattr(err, attr, None)
+            if fn is not None:
+                try:
+                    value = fn()
+                except Exception:
+                    value = ""
+                if value:
+                    node_name += f"{attr.replace('_', ' ')} '{value}' "
+        if not node_name:
+            node_name = f"node #{err.node()} "
+        parts.append(f"{node_name.strip()}: {err.desc()}")
+    return "; ".join(parts) or "no error reported by the parser"
+
+
+def _failing_layer(messages: List[str]) -> str:
+    """The layer/node name in TensorRT's error messages, if one is named."""
+    for msg in messages:
+        for pattern in (r"[Ll]ayer[: ]+'?([^'\s:]+)'?", r"[Nn]ode[: ]+'?([^'\s:]+)'?",
+                        r"^([^\s:]+): "):
+            m = re.search(pattern, msg)
+            if m:
+                return m.group(1)
+    return "unknown"
+
+
+def build_engine(onnx_path: str, engine_path: str, timing_cache_path: str,
+                 workspace_gb: float = 4.0, log_level: str = "warning") -> Dict[str, Any]:
+    """Parse onnx_path into a strongly typed network and write the serialized engine.
+
+    The timing cache at timing_cache_path is read (if present) and written back after the
+    build. Raises EngineBuildError naming the failing node (parse) or layer (build).
+    """
+    import tensorrt as trt
+
+    logger = _make_logger(trt, log_level)
+    builder = trt.Builder(logger)
+    # Explicit batch is the only mode in TensorRT 10+ (the flag is deprecated and ignored).
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(os.path.abspath(onnx_path)):
+        raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {_parser_errors(parser)}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    cache_bytes = b""
+    if os.path.isfile(timing_cache_path):
+        with open(timing_cache_path, "rb") as f:
+            cache_bytes = f.read()
+    cache = config.create_timing_cache(cache_bytes)
+    # ignore_mismatch=False: a cache from another GPU or TensorRT version is not used.
+    if not config.set_timing_cache(cache, False):
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        layer = _failing_layer(logger.errors)
+        detail = logger.errors[-1] if logger.errors else "no error message"
+        raise EngineBuildError(f"TensorRT could not build {os.path.basename(engine_path)} from "
+                               f"{onnx_path}: layer '{layer}' failed ({detail})")
+
+    def write_engine(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(serialized))
+    atomic_write(engine_path, write_engine)
+
+    updated = config.get_timing_cache().serialize()
+
+    def write_cache(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(updated))
+    atomic_write(timing_cache_path, write_cache)
+    return {"layers": network.num_layers, "bytes": os.path.getsize(engine_path)}
+
+
+def build_engines(export_dir: str, workspace_gb: float = 4.0, log_level: str = "warning",
+                  manifest: Optional[Manifest] = None) -> Manifest:
+    """Build feature.engine and temporal.engine in export_dir and record them in the manifest.
+
+    The ONNX files are checked against the manifest's sha256 first; on failure the engines
+    already written are removed and the ONNX export is left as it was.
+    """
+    import tensorrt as trt
+
+    manifest = manifest or load_manifest(export_dir)
+    cache_path = os.path.join(export_dir, TIMING_CACHE)
+    written: List[str] = []
+    try:
+        for onnx_name, engine_name in ENGINES:
+            onnx_path = manifest.verify_file(export_dir, onnx_name)
+            engine_path = os.path.join(export_dir, engine_name)
+            build_engine(onnx_path, engine_path, cache_path, workspace_gb, log_level)
+            written.append(engine_path)
+    except BaseException:
+        for path in written:
+            if os.path.exists(path):
+                os.remove(path)
+        for _, engine_name in ENGINES:
+            manifest.files.pop(engine_name, None)
+        raise
+    for _, engine_name in ENGINES:
+        manifest.add_file(export_dir, engine_name)
+    info = gpu_info()
+    manifest.tensorrt = {"version": trt.__version__, "gpu": info["gpu"],
+                         "compute_capability": info["compute_capability"],
+                         "workspace_gb": workspace_gb, "strongly_typed": True}
+    manifest.versions["tensorrt"] = trt.__version__
+    manifest.save(export_dir)
+    return manifest

@@ -1,0 +1,209 @@
+"""Check an export against PyTorch: run the two ONNX graphs chained as the runtime chains them.
+
+ONNX side (what the runtime does): per frame, the feature graph once; its feature goes into a
+ring of max(offsets) + 1 slots (tbn_runtime.temporal.FeatureRing over numpy arrays); the
+temporal graph reads the current feature and the ring's past slots (max(t - k, 0) rule).
+PyTorch side (the reference): model.forward(clip) on the clip tbn_runtime.temporal.clip_indices
+picks for frame t, and model.frame_features for the per-frame features.
+
+Reported: max abs and relative error of the features, the share of pixels whose labels agree
+(over all frames, and for the worst frame). Thresholds on the label agreement: fp32 >= 99.9%,
+fp16 >= 99.5% (measured on the tiny demo model), and a loose bound on the feature error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tbn_runtime.manifest import Manifest, load_manifest
+from tbn_runtime.preprocess import normalize_bgr
+from tbn_runtime.temporal import FeatureRing, clip_indices
+
+#: minimum share of pixels whose labels must agree with PyTorch, per export precision.
+LABEL_AGREEMENT = {"fp32": 0.999, "fp16": 0.995}
+#: largest tolerated feature error relative to the largest reference feature value: a generous
+#: bound (the tiny demo model measures ~5e-7 fp32, ~1e-3 fp16); the labels are the real test.
+FEATURE_REL_TOL = {"fp32": 1e-3, "fp16": 5e-2}
+
+
+class VerifyError(ValueError):
+    """Frames that cannot be read or an export that cannot be run; one line for the user."""
+
+
+@dataclass
+class VerifyResult:
+    precision: str
+    frames: int
+    feature_max_abs: float
+    feature_rel: float          # max abs error / max abs reference value
+    labels_agree: float         # share of all pixels, all frames
+    labels_agree_worst: float   # the worst single frame
+    threshold: float
+    feature_tol: float = 1e-3
+    per_frame_agree: List[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.labels_agree >= self.threshold and self.feature_rel <= self.feature_tol
+
+    def table(self) -> str:
+        rows = [
+            ("precision", self.precision),
+            ("frames", str(self.frames)),
+            ("feature max abs error", f"{self.feature_max_abs:.3g}"),
+            ("feature relative error", f"{self.feature_rel:.3g} (max {self.feature_tol:g})"),
+            ("labels agree (all frames)", f"{100 * self.labels_agree:.3f}%"),
+            ("labels agree (worst frame)", f"{100 * self.labels_agree_worst:.3f}%"),
+            ("labels required", f">= {100 * self.threshold:.1f}%"),
+            ("result", "PASS" if self.ok else "FAIL"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+# -- frames ------------------------------------------------------------------------------------
+def synthetic_frames(n: int, height: int, width: int, seed: int = 0) -> List[np.ndarray]:
+    """n uint8 BGR frames of smooth moving shapes over a gradient, with mild noise (seeded).
+
+    Consecutive frames differ (shapes move) so the past-frame rule matters, and regions are
+    large and smooth like a real scene rather than pixel noise.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([255 * xx / max(width - 1, 1), 255 * yy / max(height - 1, 1),
+                     np.full_like(xx, 128.0)], axis=-1)
+    shapes = []
+    for _ in range(4):
+        shapes.append(dict(
+            cy=rng.uniform(0, height), cx=rng.uniform(0, width),
+            vy=rng.uniform(-0.06, 0.06) * height, vx=rng.uniform(-0.06, 0.06) * width,
+            r=rng.uniform(0.12, 0.3) * min(height, width),
+            color=rng.uniform(0, 255, size=3).astype(np.float32)))
+    frames = []
+    for t in range(n):
+        img = base.copy()
+        for s in shapes:
+            cy, cx = s["cy"] + t * s["vy"], s["cx"] + t * s["vx"]
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < s["r"] ** 2
+            img[mask] = s["color"]
+        img += rng.normal(0, 4, size=img.shape).astype(np.float32)
+        frames.append(np.clip(img, 0, 255).astype(np.uint8))
+    return frames
+
+
+def video_frames(path: str, n: int, height: int, width: int) -> List[np.ndarray]:
+    """The first n frames of a video file, resized to the export size (BGR uint8)."""
+    import cv2
+
+    if not os.path.isfile(path):
+        raise VerifyError(f"video not found: {path}")
+    cap = cv2.VideoCapture(path)
+    try:
+        if not cap.isOpened():
+            raise VerifyError(f"cannot open video {path} (not a video OpenCV can decode)")
+        frames = []
+        while len(frames) < n:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if frame.shape[:2] != (height, width):
+                frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR)
+            frames.append(np.ascontiguousarray(frame))
+    finally:
+        cap.release()
+    if not frames:
+        raise VerifyError(f"no frames could be decoded from {path}")
+    return frames
+
+
+# -- the two chains ----------------------------------------------------------------------------
+def _sessions(export_dir: str, manifest: Manifest, providers: Optional[Sequence[str]] = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    providers = list(providers or ["CPUExecutionProvider"])
+    try:
+        feature = ort.InferenceSession(manifest.verify_file(export_dir, "feature.onnx"), opts,
+                                       providers=providers)
+        temporal = ort.InferenceSession(manifest.verify_file(export_dir, "temporal.onnx"), opts,
+                                        providers=providers)
+    except Exception as e:  # ManifestError, or ORT refusing the graph
+        raise VerifyError(f"cannot load the export in {export_dir}: "
+                          f"{str(e).splitlines()[0]}") from e
+    return feature, temporal
+
+
+def onnx_chain(export_dir: str, frames: Sequence[np.ndarray],
+               manifest: Optional[Manifest] = None,
+               providers: Optional[Sequence[str]] = None
+               ) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """(features, labels) per frame from the exported graphs, chained through a FeatureRing."""
+    manifest = manifest or load_manifest(export_dir)
+    feature_sess, temporal_sess = _sessions(export_dir, manifest, providers)
+    shape, dtype = tuple(manifest.feature_shape), np.dtype(manifest.feature_dtype)
+    ring = None
+    if manifest.temporal_offsets:
+        ring = FeatureRing([np.zeros(shape, dtype) for _ in range(manifest.ring_size)],
+                           manifest.temporal_offsets)
+    features, labels = [], []
+    for frame in frames:
+        if frame.shape != (manifest.height, manifest.width, 3) or frame.dtype != np.uint8:
+            raise VerifyError(f"frame is {frame.dtype} {frame.shape}, the export takes uint8 "
+                              f"{(manifest.height, manifest.width, 3)}")
+        (feat,) = feature_sess.run([manifest.feature_output],
+                                   {manifest.frame_input: frame[None]})
+        feed = {manifest.current_input: feat}
+        if ring is not None:
+            slot = ring.write_target()
+            slot[...] = feat
+            for name, past in zip(manifest.past_inputs, ring.past()):
+                feed[name] = past
+        (lab,) = temporal_sess.run([manifest.labels_output], feed)
+        features.append(feat[0])
+        labels.append(lab[0])
+    return features, labels
+
+
+def torch_chain(model, frames: Sequence[np.ndarray]) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """(features, labels) per frame from PyTorch: model.forward on the clip of each frame."""
+    import torch
+
+    offsets = tuple(getattr(model, "temporal_offsets", ()))
+    model = model.eval()
+    normed = [torch.from_numpy(normalize_bgr(f)) for f in frames]
+    features, labels = [], []
+    with torch.no_grad():
+        for t in range(len(frames)):
+            idx = clip_indices(t, offsets) if offsets else [t]
+            clip = torch.stack([normed[i] for i in idx])[None]
+            logits = model(clip)
+            labels.append(logits.argmax(1)[0].to(torch.uint8).numpy())
+            features.append(model.frame_features(normed[t][None])[0].float().numpy())
+    return features, labels
+
+
+def compare(onnx_out, torch_out, precision: str) -> VerifyResult:
+    (of, ol), (tf, tl) = onnx_out, torch_out
+    max_abs = max(float(np.abs(a.astype(np.float32) - b).max()) for a, b in zip(of, tf))
+    scale = max(float(np.abs(b).max()) for b in tf)
+    per_frame = [float((a == b).mean()) for a, b in zip(ol, tl)]
+    agree = float(np.mean([(a == b).mean() for a, b in zip(ol, tl)]))
+    return VerifyResult(precision=precision, frames=len(ol), feature_max_abs=max_abs,
+                        feature_rel=max_abs / max(scale, 1e-12), labels_agree=agree,
+                        labels_agree_worst=min(per_frame), per_frame_agree=per_frame,
+                        threshold=LABEL_AGREEMENT.get(precision, LABEL_AGREEMENT["fp32"]),
+                        feature_tol=FEATURE_REL_TOL.get(precision, FEATURE_REL_TOL["fp32"]))
+
+
+def verify_export(export_dir: str, model, frames: Sequence[np.ndarray],
+                  providers: Optional[Sequence[str]] = None) -> VerifyResult:
+    """Compare the export in export_dir with `model` (the PyTorch model it was made from)."""
+    manifest = load_manifest(export_dir)
+    onnx_out = onnx_chain(export_dir, frames, manifest, providers)
+    torch_out = torch_chain(model, frames)
+    return compare(onnx_out, torch_out, manifest.precision)
