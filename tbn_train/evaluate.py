@@ -1,0 +1,190 @@
+"""tbn-eval: mIoU, per-class IoU, pixel accuracy, mVC8/16 and frames/s on a VSPW split.
+
+    tbn-eval --checkpoint runs/tbn/best.safetensors --data data/synth [--split val] [--out m.json]
+    tbn-eval --pred masks/ --data data/synth [--split val]   # saved palette PNGs (tbn-run's)
+
+`predict_video` is THE PyTorch reference for whole-video inference: each frame's features are
+computed once and kept in a ring of max(offsets) + 1 tensors (tbn_runtime.temporal.FeatureRing);
+frame t is classified from F_t and F_max(t-k, 0) for k in the model's offsets. This equals
+running `model(clip)` on the clip [t-9, t-6, t-3, t] for every frame (the naive pipeline), with
+a quarter of the backbone work. The runtime's torch backend and the benchmarks reuse it.
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from tbn_runtime.files import atomic_write
+from tbn_runtime.masks import read_label_png, write_mask_png
+from tbn_runtime.metrics import SegMetrics, format_table
+from tbn_runtime.preprocess import normalize_bgr
+from tbn_runtime.temporal import FeatureRing
+
+from .checkpoint import CheckpointError, load_model
+from .data.vspw import DatasetError, index_split, iter_video
+from .distributed import pick_device
+
+
+@torch.no_grad()
+def predict_logits(model, frames: Iterable[np.ndarray], device) -> Iterator[torch.Tensor]:
+    """Logits (1 x K x H x W, on `device`) of every frame of one video, in order."""
+    model.eval()
+    device = torch.device(device)
+    offsets = tuple(model.temporal_offsets)
+    ring: Optional[FeatureRing] = None
+    size = None
+    for frame in frames:
+        x = torch.from_numpy(normalize_bgr(frame)).unsqueeze(0).to(device)
+        h, w = x.shape[-2:]
+        if size is None:
+            size = (h, w)
+        elif size != (h, w):
+            raise ValueError(f"frame size {h}x{w} differs from the video's first frame "
+                             f"{size[0]}x{size[1]}; all frames of a video must have one size")
+        feat = model.frame_features(x)
+        if not offsets:
+            yield model.temporal_head(feat, [], out_size=(h, w))
+            continue
+        if ring is None:
+            ring = FeatureRing([torch.empty_like(feat) for _ in range(max(offsets) + 1)], offsets)
+        ring.write_target().copy_(feat)
+        yield model.temporal_head(feat, ring.past(), out_size=(h, w))
+
+
+def predict_video(model, frames: Iterable[np.ndarray], device) -> Iterator[np.ndarray]:
+    """uint8 H x W train-id label maps of every frame (BGR uint8 H x W x 3) of one video."""
+    for logits in predict_logits(model, frames, device):
+        yield logits[0].argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def evaluate_model(model, root, split: str, device, save_pred: Optional[str] = None,
+                   progress: bool = False) -> dict:
+    """Metrics of `model` on a split (whole videos, the ring), plus frames/s of the model."""
+    videos = index_split(root, split, with_masks=True)
+    metrics = SegMetrics(num_classes=model.num_classes)
+    seconds, read_seconds, frames = 0.0, 0.0, 0
+    bar = _bar(sum(len(v) for v in videos), "eval", progress)
+    for video in videos:
+        labels: deque = deque()
+
+        def frames_of(video=video):
+            nonlocal read_seconds
+            t0 = time.perf_counter()
+            for _, frame, label in iter_video(video):
+                labels.append(label)
+                read_seconds += time.perf_counter() - t0
+                yield frame
+                t0 = time.perf_counter()
+
+        preds = predict_video(model, frames_of(), device)
+        t0 = time.perf_counter()
+        for t, pred in enumerate(preds):
+            seconds += time.perf_counter() - t0
+            metrics.add_frame(video.name, pred, labels.popleft())
+            if save_pred:
+                write_mask_png(Path(save_pred) / video.name / f"{video.frames[t].stem}.png", pred)
+            frames += 1
+            bar.update(1)
+            t0 = time.perf_counter()
+        metrics.end_video(video.name)
+    bar.close()
+    out = metrics.summary()
+    model_seconds = seconds - read_seconds  # the model alone: decoding the JPEGs excluded
+    out["frames_per_s"] = frames / model_seconds if model_seconds > 0 else None
+    return out
+
+
+def evaluate_predictions(pred_root, root, split: str) -> dict:
+    """Metrics of saved palette PNGs laid out PRED_ROOT/<video>/<frame name>.png."""
+    videos = index_split(root, split, with_masks=True)
+    metrics = SegMetrics()
+    for video in videos:
+        for t, frame, label in iter_video(video):
+            path = Path(pred_root) / video.name / f"{video.frames[t].stem}.png"
+            if not path.is_file():
+                raise DatasetError(f"prediction {path} is missing (frame {video.frames[t]}); "
+                                   f"predict every frame of split '{split}' (tbn-run writes "
+                                   f"PRED_ROOT/<video>/<frame name>.png)")
+            try:
+                pred = read_label_png(path)
+            except (OSError, ValueError) as e:
+                raise DatasetError(f"prediction {path} cannot be read: {e}") from e
+            if pred.shape != label.shape:
+                raise DatasetError(f"prediction {path} is {pred.shape[0]}x{pred.shape[1]} but "
+                                   f"its frame is {label.shape[0]}x{label.shape[1]}")
+            metrics.add_frame(video.name, pred, label)
+        metrics.end_video(video.name)
+    return metrics.summary()
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        class _Null:
+            def update(self, n): pass
+            def close(self): pass
+        return _Null()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage + error by default)
+        raise ValueError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tbn-eval", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a tbn-train checkpoint (.safetensors)")
+    src.add_argument("--pred", help="saved predictions: PRED/<video>/<frame name>.png")
+    p.add_argument("--data", required=True, help="VSPW root (train.txt/val.txt/test.txt, data/)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", help="write the metrics as JSON to this file")
+    p.add_argument("--save-pred", help="with --checkpoint: write predictions as palette PNGs here")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if not Path(args.data).is_dir():
+            raise DatasetError(f"data root {args.data} not found; pass --data ROOT (a VSPW "
+                               f"folder), or make demo data with: tbn-synth --out data/synth")
+        if args.checkpoint:
+            device = pick_device(args.device)
+            model, meta = load_model(args.checkpoint, map_location="cpu")
+            model.to(device)
+            result = evaluate_model(model, args.data, args.split, device, args.save_pred,
+                                    progress=sys.stderr.isatty())
+            result.update(checkpoint=str(args.checkpoint), model=meta["model"])
+        else:
+            if args.save_pred:
+                raise ValueError("--save-pred goes with --checkpoint")
+            if not Path(args.pred).is_dir():
+                raise DatasetError(f"prediction folder {args.pred} not found")
+            result = evaluate_predictions(args.pred, args.data, args.split)
+            result.update(pred=str(args.pred))
+        result.update(split=args.split, data=str(args.data))
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except (DatasetError, CheckpointError, ValueError) as e:
+        print(f"tbn-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.out:
+        text = json.dumps(result, indent=1) + "\n"
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

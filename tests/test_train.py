@@ -1,0 +1,150 @@
+"""tbn-train on the CPU: learning, both stages, exact resume, DDP (gloo) = accumulation, errors."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tbn_train import losses, train
+from tbn_train.checkpoint import load_model, read_metadata
+
+from train_helpers import make_synth
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    return make_synth(tmp_path_factory.mktemp("train") / "synth")
+
+
+def _args(root, out, *extra):
+    return ["--preset", "demo", "--data", str(root), "--out", str(out), "--crop-size", "64", "64",
+            "--workers", "0", "--eval-interval", "100", "--log-interval", "1", "--device", "cpu",
+            *extra]
+
+
+def _losses(out, stage=1):
+    lines = (out / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+def _params(path):
+    model, _ = load_model(str(path))
+    return dict(model.named_parameters())
+
+
+def test_training_lowers_the_loss_and_runs_stage_2(synth_root, tmp_path):
+    out = tmp_path / "run"
+    rc = train.main(_args(synth_root, out, "--iters", "12", "--batch-size", "2", "--lr", "0.1", "--warmup-iters", "0",
+                          "--stage2-iters", "2", "--ohem-min-kept", "500"))
+    assert rc == 0
+    first = _losses(out)
+    assert len(first) == 12
+    assert sum(first[-3:]) / 3 < 0.8 * sum(first[:3]) / 3, first
+    # stage 2: two lrs, from stage 1's weights; OUT/best and OUT/last are stage 2's
+    state = torch.load(out / "stage2" / "last.state.pt", weights_only=True)
+    assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [0.0002, 0.0005]
+    assert len(_losses(out, 2)) == 2 and state["step"] == 2 and state["done"]
+    meta = read_metadata(str(out / "best.safetensors"))
+    assert meta["model"] == "tbn_tiny" and meta["extra"]["stage"] == 2
+    assert meta["config"]["stage2_loss"] == "ohem"
+    evals = [json.loads(x) for x in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert any("mIoU" in r for r in evals)
+
+
+def test_interrupt_and_resume_equals_uninterrupted(synth_root, tmp_path, monkeypatch, capsys):
+    common = ["--iters", "6", "--batch-size", "2", "--lr", "0.05"]
+    assert train.main(_args(synth_root, tmp_path / "full", *common)) == 0
+
+    real, calls = losses.total_loss, []
+
+    def interrupt_on_step_4(*a, **k):  # Ctrl-C in the middle of step 4's forward pass
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(losses, "total_loss", interrupt_on_step_4)
+    assert train.main(_args(synth_root, tmp_path / "cut", *common)) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert read_metadata(str(tmp_path / "cut" / "stage1" / "last.safetensors"))["extra"]["step"] == 3
+    monkeypatch.setattr(losses, "total_loss", real)
+    # resumed with a data-loader worker: the data order must not depend on who loads it
+    assert train.main(_args(synth_root, tmp_path / "cut", *common, "--resume",
+                            "--workers", "1")) == 0
+    full = load_file(str(tmp_path / "full" / "last.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "last.safetensors"))
+    assert full.keys() == cut.keys()
+    for k in full:  # parameters and BatchNorm statistics, bit for bit
+        assert torch.equal(full[k], cut[k]), k
+
+
+def test_nan_loss_stops_and_keeps_last_good(synth_root, tmp_path, monkeypatch, capsys):
+    real, calls = losses.total_loss, []
+
+    def nan_on_step_3(*a, **k):
+        calls.append(1)
+        out = real(*a, **k)
+        if len(calls) == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(losses, "total_loss", nan_on_step_3)
+    out = tmp_path / "run"
+    assert train.main(_args(synth_root, out, "--iters", "5", "--eval-interval", "2")) == 3
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("tbn-train")]
+    assert len(err) == 1 and "nan" in err[0] and "step 3" in err[0], err
+    assert read_metadata(str(out / "stage1" / "last.safetensors"))["extra"]["step"] == 2
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--preset", "nope"], ["unknown preset 'nope'", "demo", "tbn_swin_l"]),
+    (["--preset", "demo", "--data", "/nonexistent/vspw"], ["tbn-synth --out data/synth", "--data"]),
+    (["--preset", "demo", "--bogus", "1"], ["--bogus"]),
+    (["--preset", "demo", "--set", "colour=red"], ["unknown config field 'colour'", "lr"]),
+    (["--preset", "demo", "--lr", "fast"], ["lr"]),
+])
+def test_user_mistakes_exit_2_with_one_line(argv, words, capsys, tmp_path):
+    assert train.main(argv + ["--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for w in words:
+        assert w in err[0]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one_process_with_accum(synth_root, tmp_path):
+    common = ["--iters", "2", "--batch-size", "1", "--global-batch", "0", "--lr", "0.05",
+              "--warmup-iters", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
+           "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "-m", "tbn_train.train", *_args(synth_root, tmp_path / "ddp", *common, "--accum", "1")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 proc" in res.stdout and "weights on 2 ranks differ by at most 0" in res.stdout
+    assert train.main(_args(synth_root, tmp_path / "one", *common, "--accum", "2")) == 0
+    ddp, one = _params(tmp_path / "ddp" / "last.safetensors"), _params(tmp_path / "one" /
+                                                                        "last.safetensors")
+    init = dict(train.create_model(train.make_config("demo"), 1, tmp_path, False)
+                .named_parameters())
+    # Same global batch, same clips, same augmentation: the same losses and the same updates
+    # (up to float summation order: gradients are averaged by all-reduce vs accumulated).
+    for a, b in zip(_losses(tmp_path / "ddp"), _losses(tmp_path / "one")):
+        assert a == pytest.approx(b, rel=1e-5)
+    moved = 0
+    for k, p in one.items():
+        step_one, step_ddp = p - init[k], ddp[k] - init[k]
+        moved += int(step_one.abs().max() > 0)
+        assert (step_ddp - step_one).norm() <= 1e-2 * step_one.norm() + 1e-6, k
+        assert torch.allclose(ddp[k], p, atol=2e-4), k
+    assert moved > 0.9 * len(one)  # trained weights are compared, not two initialisations
