@@ -1,0 +1,424 @@
+"""Accuracy of every deployable backend and precision against the PyTorch reference; a release gate.
+
+    python benchmarks/accuracy.py                       # data/synth val, runs/tbn/export (+ fp16)
+    python benchmarks/accuracy.py --data /data/VSPW --exports runs/tbn/export,runs/tbn/export-fp16
+    python benchmarks/accuracy.py --json acc.json --plot acc.png --tol-fp32 0.01 --tol-fp16 0.1
+
+On a VSPW-layout split, every video is run through the PyTorch reference
+(`tbn_train.evaluate.predict_video`: the checkpoint, features once per frame in a ring) and
+through each backend of each export (ONNX Runtime on every export; TensorRT where the export
+has engines and TensorRT is installed; `--backends` chooses). Frames are resized to the export
+size and the labels resized back exactly as tbn-run does (the reference sees the same resized
+frames), so the outputs compare pixel for pixel. Reported per row: mIoU, mVC8, mVC16 (VSPW's
+definitions), their difference to PyTorch, and the share of labelled pixels whose label agrees
+with PyTorch's.
+
+Release gate: the exit code is 1 when a backend's |mIoU - mIoU(PyTorch)| exceeds the tolerance of
+its precision (default 0.01 points for fp32, 0.1 for fp16; --tol-fp32, --tol-fp16), or its pixel
+agreement is below --min-agree (off by default). 2 for a usage error, 0 when every row passes.
+Rows that cannot run here (TensorRT not installed) are reported and do not fail the gate.
+
+Without an fp16 export among --export/--exports, one is made on the fly from the checkpoint
+into a temporary folder (--no-fp16 to skip).
+
+Test hook: `evaluate_backend(backend, videos, reference)` scores any object with the Backend
+interface (height, width, reset(), infer(frame) -> labels); `--fault wrong-past` (a debugging
+flag for tests of this gate) feeds every backend's temporal engine the feature of frame t-1 in
+place of t-3, t-6, t-9, which the gate must catch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+DEFAULT_DATA = os.path.join("data", "synth")
+DEFAULT_CHECKPOINT = os.path.join("runs", "tbn", "best.safetensors")
+DEFAULT_EXPORT = os.path.join("runs", "tbn", "export")
+FAULTS = ("wrong-past",)
+
+
+class AccuracyError(RuntimeError):
+    """A run that cannot be made as asked; one line for the user."""
+
+
+# -- scoring -----------------------------------------------------------------------------------
+class Score:
+    """Metrics of one row plus its agreement with the reference."""
+
+    def __init__(self, num_classes: int):
+        from tbn_runtime.metrics import SegMetrics
+        self.metrics = SegMetrics(num_classes=num_classes)
+        self.agree = 0
+        self.pixels = 0
+        self.seconds = 0.0
+
+    def add_video(self, name: str, preds: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                  reference: Optional[Sequence[np.ndarray]]) -> None:
+        for t, (pred, label) in enumerate(zip(preds, labels)):
+            self.metrics.add_frame(name, pred, label)
+            if reference is not None:
+                valid = label != 255
+                self.agree += int(np.count_nonzero((pred == reference[t]) & valid))
+                self.pixels += int(np.count_nonzero(valid))
+        self.metrics.end_video(name)
+
+    def summary(self) -> Dict[str, Any]:
+        s = self.metrics.summary()
+        out = {k: s.get(k) for k in ("mIoU", "mVC8", "mVC16", "pixel_acc", "frames", "videos")}
+        out["agreement"] = self.agree / self.pixels if self.pixels else None
+        out["seconds"] = self.seconds
+        return out
+
+
+def load_video(video: Any, max_frames: Optional[int] = None) -> Tuple[List[np.ndarray],
+                                                                        List[np.ndarray]]:
+    """(frames BGR, labels train ids) of one video of tbn_train.data.vspw.index_split."""
+    from tbn_train.data.vspw import iter_video
+    frames, labels = [], []
+    for t, frame, label in iter_video(video):
+        if max_frames is not None and t >= max_frames:
+            break
+        frames.append(frame)
+        labels.append(label)
+    return frames, labels
+
+
+def to_size(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The frame at the export size, resized as tbn-run does (bilinear)."""
+    import cv2
+    if frame.shape[:2] == (height, width):
+        return frame
+    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def back_to(labels: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
+    """Labels at the frame's own size, resized as tbn-run does (nearest)."""
+    import cv2
+    if labels.shape[:2] == tuple(shape):
+        return labels
+    return cv2.resize(labels, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+
+
+def run_backend(backend: Any, frames: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """Stream one video's frames through a backend; labels at the frames' size."""
+    backend.reset()
+    out = []
+    for f in frames:
+        out.append(back_to(backend.infer(to_size(f, backend.height, backend.width)), f.shape[:2]))
+    return out
+
+
+def run_reference(model: Any, frames: Sequence[np.ndarray], height: int, width: int,
+                  device: str) -> List[np.ndarray]:
+    """The PyTorch reference (tbn_train.evaluate.predict_video) at the export size."""
+    from tbn_train.evaluate import predict_video
+    resized = [to_size(f, height, width) for f in frames]
+    return [back_to(p, f.shape[:2]) for p, f in zip(predict_video(model, resized, device),
+                                                       frames)]
+
+
+def evaluate_backend(backend: Any, videos: Sequence[Any],
+                     reference: Optional[Dict[str, List[np.ndarray]]] = None,
+                     num_classes: int = 124, max_frames: Optional[int] = None) -> Dict[str, Any]:
+    """Score one backend on whole videos (the test hook of the gate).
+
+    backend: any object with height, width, reset() and infer(frame uint8 HxWx3 BGR at
+    height x width) -> uint8 labels. videos: tbn_train.data.vspw.Video list. reference: video
+    name -> the reference's labels per frame (for the agreement); None to skip it.
+    Returns the row's summary: mIoU, mVC8, mVC16, pixel_acc, frames, videos, agreement.
+    """
+    score = Score(num_classes)
+    for video in videos:
+        frames, labels = load_video(video, max_frames)
+        t0 = time.perf_counter()
+        preds = run_backend(backend, frames)
+        score.seconds += time.perf_counter() - t0
+        score.add_video(video.name, preds, labels,
+                        None if reference is None else reference[video.name])
+    return score.summary()
+
+
+def reference_predictions(model: Any, videos: Sequence[Any], height: int, width: int,
+                          device: str = "cpu", max_frames: Optional[int] = None
+                          ) -> Dict[str, List[np.ndarray]]:
+    """video name -> the PyTorch reference's labels (for evaluate_backend's agreement)."""
+    return {v.name: run_reference(model, load_video(v, max_frames)[0], height, width, device)
+            for v in videos}
+
+
+# -- the gate ------------------------------------------------------------------------------------
+def gate(row: Dict[str, Any], ref: Dict[str, Any], tolerances: Dict[str, float],
+         min_agree: Optional[float] = None) -> Tuple[bool, str]:
+    """(passes, why) for one backend row against the reference row."""
+    tol = tolerances.get(row["precision"])
+    if tol is None:
+        return False, f"no tolerance for precision {row['precision']}"
+    if row.get("mIoU") is None or ref.get("mIoU") is None:
+        return False, "mIoU undefined (no labelled pixels)"
+    d = row["mIoU"] - ref["mIoU"]
+    if abs(d) > tol:
+        return False, f"|dmIoU| {abs(d):.4f} > {tol} points"
+    if min_agree is not None and (row.get("agreement") or 0.0) < min_agree:
+        return False, f"pixel agreement {row['agreement']:.5f} < {min_agree}"
+    return True, f"|dmIoU| {abs(d):.4f} <= {tol} points"
+
+
+class WrongPastIndex:
+    """A RingIndex that hands out frame t-1's slot for every past offset (a deliberate bug)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def past_slots(self) -> List[int]:
+        t = self.inner.frame
+        return [self.inner.slot_of(max(t - 1, 0)) for _ in self.inner.offsets]
+
+
+def inject_fault(backend: Any, fault: str) -> Any:
+    """Make a runtime backend wrong on purpose (test hook of the gate); returns it."""
+    if fault != "wrong-past":
+        raise ValueError(f"unknown fault '{fault}' (known: {', '.join(FAULTS)})")
+    if getattr(backend, "ring", None) is None:
+        raise ValueError(f"{type(backend).__name__} has no feature ring to corrupt")
+    backend.ring.index = WrongPastIndex(backend.ring.index)
+    return backend
+
+
+# -- rows -------------------------------------------------------------------------------------------
+def open_backend(name: str, export_dir: str, device: str) -> Tuple[Optional[Any], str]:
+    """(backend, describe) or (None, why it cannot run here)."""
+    from tbn_runtime.backends import BackendError, select_backend
+    from tbn_runtime.manifest import load_manifest
+    manifest = load_manifest(export_dir)
+    try:
+        cls, dev, _ = select_backend(name, manifest, device, export_dir)
+        backend = cls(export_dir, manifest, dev)
+    except BackendError as e:
+        return None, str(e)
+    return backend, backend.describe()
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="accuracy.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.split("\n")[1:]))
+    p.add_argument("--data", default=DEFAULT_DATA, help="VSPW-layout root (default: %(default)s)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--checkpoint", help=f"the PyTorch reference (default: the checkpoint named "
+                                        f"in the export's manifest, else {DEFAULT_CHECKPOINT})")
+    p.add_argument("--export", default=DEFAULT_EXPORT, help="export dir (default: %(default)s)")
+    p.add_argument("--exports", help="comma-separated export dirs (replaces --export)")
+    p.add_argument("--no-fp16", action="store_true", help="do not make an fp16 export on the fly")
+    p.add_argument("--backends", default="ort,trt", help="backends to score on each export "
+                                                         "(default: %(default)s)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--tol-fp32", type=float, default=0.01, help="max |dmIoU| in points for fp32 "
+                                                                "(default: %(default)s)")
+    p.add_argument("--tol-fp16", type=float, default=0.1, help="max |dmIoU| in points for fp16 "
+                                                               "(default: %(default)s)")
+    p.add_argument("--min-agree", type=float, help="also fail below this pixel agreement (0..1)")
+    p.add_argument("--max-videos", type=int, help="only the first N videos of the split")
+    p.add_argument("--max-frames", type=int, help="only the first N frames of each video")
+    p.add_argument("--fault", choices=FAULTS, help="TEST HOOK: corrupt every backend on purpose "
+                                                   "(wrong-past: the temporal engine reads frame "
+                                                   "t-1 for every past offset)")
+    p.add_argument("--json", help="write the results (with machine and versions) here")
+    p.add_argument("--plot", help="write a bar chart (PNG) here")
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace, tmp: str) -> Tuple[Any, Dict[str, Any], List[str], int,
+                                                         int]:
+    """(model, checkpoint meta, export dirs, height, width) after checking every input."""
+    from tbn_runtime.manifest import ManifestError, load_manifest
+    from tbn_train.checkpoint import CheckpointError, load_model
+    dirs = [d for d in (args.exports or args.export).split(",") if d]
+    manifests = []
+    for d in dirs:
+        try:
+            manifests.append(load_manifest(d))
+        except ManifestError as e:
+            raise AccuracyError(str(e)) from None
+    first = manifests[0]
+    for m, d in zip(manifests, dirs):
+        if (m.model, m.height, m.width, m.num_classes) != (first.model, first.height,
+                                                           first.width, first.num_classes):
+            raise AccuracyError(f"exports differ: {dirs[0]} is {first.model} {first.height}x"
+                                f"{first.width}, {d} is {m.model} {m.height}x{m.width}")
+    ckpt = args.checkpoint
+    if ckpt is None:
+        named = (first.checkpoint or {}).get("path")
+        ckpt = named if named and os.path.isfile(named) else DEFAULT_CHECKPOINT
+    try:
+        model, meta = load_model(ckpt)
+    except CheckpointError as e:
+        raise AccuracyError(str(e)) from None
+    if meta["model"] != first.model:
+        raise AccuracyError(f"checkpoint {ckpt} is {meta['model']} but export {dirs[0]} is "
+                            f"{first.model}; pass the checkpoint the export was made from")
+    from tbn_runtime.files import sha256_file
+    want = (first.checkpoint or {}).get("sha256")
+    if want and sha256_file(ckpt) != want:
+        print(f"accuracy.py: warning: {ckpt} is not the checkpoint {dirs[0]} was exported from "
+              f"(sha256 differs); the comparison measures that difference too", file=sys.stderr)
+    if not args.no_fp16 and not any(m.precision == "fp16" for m in manifests):
+        from tbn_export.onnx_export import export_onnx
+        out = os.path.join(tmp, "export-fp16")
+        print(f"accuracy.py: no fp16 export given; exporting one into {out} ...",
+              file=sys.stderr, flush=True)
+        export_onnx(model, out, first.height, first.width, fp16=True, checkpoint_path=ckpt)
+        dirs.append(out)
+    model.to(args.device)
+    meta["path"] = ckpt
+    return model, meta, dirs, first.height, first.width
+
+
+def run(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
+    from tbn_runtime.manifest import load_manifest
+    from tbn_train.data.vspw import DatasetError, index_split
+    try:
+        videos = index_split(args.data, args.split, with_masks=True)
+    except DatasetError as e:
+        raise AccuracyError(str(e)) from None
+    if args.max_videos:
+        videos = videos[:args.max_videos]
+    model, meta, dirs, height, width = resolve(args, tmp)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+
+    ref = Score(int(model.num_classes))
+    rows: List[Dict[str, Any]] = []
+    live = []
+    for d in dirs:
+        m = load_manifest(d)
+        for name in backends:
+            row = {"row": f"{name} {m.precision}", "backend": name, "precision": m.precision,
+                   "export": None if d.startswith(tmp) else d}
+            backend, why = open_backend(name, d, args.device)
+            if backend is None:
+                row["skipped"] = why
+            else:
+                row["describe"] = why
+                if args.fault:
+                    inject_fault(backend, args.fault)
+                    row["fault"] = args.fault
+                live.append((row, backend, Score(int(model.num_classes))))
+            rows.append(row)
+
+    for video in videos:
+        frames, labels = load_video(video, args.max_frames)
+        t0 = time.perf_counter()
+        reference = run_reference(model, frames, height, width, args.device)
+        ref.seconds += time.perf_counter() - t0
+        ref.add_video(video.name, reference, labels, reference)
+        for row, backend, score in live:
+            t0 = time.perf_counter()
+            preds = run_backend(backend, frames)
+            score.seconds += time.perf_counter() - t0
+            score.add_video(video.name, preds, labels, reference)
+    for row, backend, score in live:
+        backend.close()
+        row.update(score.summary())
+
+    ref_row = {"row": "PyTorch reference", "backend": "torch", "precision": "fp32",
+               "describe": f"tbn_train.evaluate.predict_video on {args.device}", **ref.summary()}
+    tolerances = {"fp32": args.tol_fp32, "fp16": args.tol_fp16}
+    for row in rows:
+        if "skipped" in row:
+            continue
+        for k in ("mIoU", "mVC8", "mVC16"):
+            a, b = row.get(k), ref_row.get(k)
+            row[f"d_{k}"] = None if a is None or b is None else a - b
+        row["passed"], row["gate"] = gate(row, ref_row, tolerances, args.min_agree)
+    return {
+        "benchmark": "accuracy",
+        "device": args.device,
+        "config": {"data": args.data, "split": args.split, "checkpoint": meta["path"],
+                   "model": meta["model"], "height": height, "width": width,
+                   "exports": [None if d.startswith(tmp) else d for d in dirs],
+                   "backends": backends, "max_videos": args.max_videos,
+                   "max_frames": args.max_frames, "fault": args.fault},
+        "tolerances": {"fp32": args.tol_fp32, "fp16": args.tol_fp16,
+                       "min_agree": args.min_agree, "unit": "mIoU points"},
+        "machine": common.machine_info(),
+        "reference": ref_row,
+        "rows": rows,
+        "passed": all(r["passed"] for r in rows if "skipped" not in r),
+    }
+
+
+def table(report: Dict[str, Any]) -> str:
+    headers = ["path", "mIoU", "mVC8", "mVC16", "dmIoU", "dmVC8", "dmVC16", "agree %", "gate"]
+    f2 = lambda v: common.fmt(v, 2)  # noqa: E731
+    fd = lambda v: "-" if v is None else f"{v:+.3f}"  # noqa: E731
+    ref = report["reference"]
+    rows = [[ref["row"], f2(ref["mIoU"]), f2(ref["mVC8"]), f2(ref["mVC16"]), "-", "-", "-",
+             "100.000", "reference"]]
+    for r in report["rows"]:
+        if "skipped" in r:
+            rows.append([r["row"], "-", "-", "-", "-", "-", "-", "-", f"not run: {r['skipped']}"])
+            continue
+        agree = "-" if r.get("agreement") is None else f"{100 * r['agreement']:.3f}"
+        rows.append([r["row"] + (f" [fault {r['fault']}]" if r.get("fault") else ""),
+                     f2(r["mIoU"]), f2(r["mVC8"]), f2(r["mVC16"]), fd(r["d_mIoU"]),
+                     fd(r["d_mVC8"]), fd(r["d_mVC16"]), agree,
+                     ("pass" if r["passed"] else "FAIL") + f" ({r['gate']})"])
+    cfg, tol = report["config"], report["tolerances"]
+    head = (f"Accuracy vs PyTorch, {cfg['model']} at {cfg['height']}x{cfg['width']}, "
+            f"{cfg['data']} {cfg['split']} ({ref['videos']} videos, {ref['frames']} frames) on "
+            f"{report['device']}; gate |dmIoU| <= {tol['fp32']} (fp32) / {tol['fp16']} (fp16) "
+            f"points\nMachine: {common.machine_line(report['machine'])}")
+    verdict = "gate: PASS" if report["passed"] else "gate: FAIL"
+    return head + "\n\n" + common.markdown_table(headers, rows) + "\n\n" + verdict
+
+
+def plot(path: str, report: Dict[str, Any]) -> None:
+    ref = report["reference"]
+    rows = [ref] + [r for r in report["rows"] if "skipped" not in r]
+    notes = ["reference"] + [
+        f"{r['d_mIoU']:+.3f}\n{100 * (r.get('agreement') or 0):.2f}% agree" for r in rows[1:]]
+    cfg = report["config"]
+    common.bar_plot(path, [r["row"] for r in rows], [r["mIoU"] for r in rows], ylabel="mIoU (%)",
+                    title=f"{cfg['model']} {cfg['height']}x{cfg['width']}: mIoU per backend "
+                          f"(dmIoU, pixel agreement with PyTorch)",
+                    subtitle=common.machine_line(report["machine"]), annotate=notes,
+                    hline=ref["mIoU"])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="tbn-accuracy-")
+    try:
+        t0 = time.time()
+        report = run(args, tmp)
+        report["seconds"] = time.time() - t0
+        report["command"] = " ".join(["python", "benchmarks/accuracy.py"] + list(
+            argv if argv is not None else sys.argv[1:]))
+    except AccuracyError as e:
+        print(f"accuracy.py: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(table(report))
+    if args.json:
+        common.write_json(args.json, report)
+    if args.plot:
+        plot(args.plot, report)
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""benchmarks/: latency.py, accuracy.py (and its release gate), gpu_check.py on a tiny model.
+
+The outputs are checked for their form and content (keys, row names, positive numbers, the
+gate's verdict), never for timing values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import accuracy  # noqa: E402
+import latency  # noqa: E402
+
+H, W = 64, 96
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A random-init tbn_tiny (BN randomised), its fp32 and fp16 exports, and a 1-video val split
+    whose ground truth is the PyTorch reference's own output (so the reference scores 100 mIoU
+    and any backend that deviates loses mIoU visibly)."""
+    import torch
+    import common
+    from tbn_export.onnx_export import export_onnx
+    from tbn_runtime.classes import train_ids_to_raw
+    from tbn_runtime.masks import write_mask_png
+    from tbn_train.checkpoint import save_checkpoint
+    from tbn_train.data.synth import generate
+    from tbn_train.data.vspw import index_split
+
+    root = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    from tbn_train.models import build_model
+    model = build_model("tbn_tiny").eval()
+    common.randomize_batchnorm(model, seed=3)
+    ckpt = str(root / "tiny.safetensors")
+    save_checkpoint(ckpt, model)
+    fp32, fp16 = str(root / "export"), str(root / "export-fp16")
+    export_onnx(model, fp32, H, W, checkpoint_path=ckpt)
+    export_onnx(model, fp16, H, W, fp16=True, checkpoint_path=ckpt)
+    data = root / "data"
+    generate(data, height=H, width=W, videos_train=0, videos_val=1, videos_test=0, frames=18)
+    videos = index_split(data, "val")
+    ref = accuracy.reference_predictions(model, videos, H, W)
+    for v in videos:
+        for pred, mask in zip(ref[v.name], v.masks):
+            write_mask_png(mask, train_ids_to_raw(pred))
+    return {"ckpt": ckpt, "fp32": fp32, "fp16": fp16, "data": str(data), "root": root}
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_machine(report):
+    m = report["machine"]
+    assert m["cpu"] and m["cores"] >= 1 and isinstance(m["gpus"], list)
+    for lib in ("torch", "onnxruntime", "onnx", "tensorrt"):
+        assert lib in m["versions"]
+
+
+def _check_timed_row(r, frames):
+    for k in ("median_ms", "p90_ms", "p99_ms", "fps", "speedup", "peak_host_mb"):
+        assert isinstance(r[k], float) and r[k] > 0, (r["row"], k, r.get(k))
+    assert r["p90_ms"] >= r["median_ms"] and r["p99_ms"] >= r["p90_ms"]
+    assert r["frames"] == frames
+
+
+def test_latency_export_dirs(bench, tmp_path, capsys):
+    out, png = tmp_path / "lat.json", tmp_path / "lat.png"
+    rc = latency.main(["--export", f"{bench['fp32']},{bench['fp16']}", "--frames", "2",
+                       "--warmup", "1", "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "latency" and report["device"] == "cpu"
+    assert report["config"]["height"] == H and report["config"]["width"] == W
+    assert report["config"]["random_weights"] is False
+    _check_machine(report)
+    rows = {r["row"]: r for r in report["rows"]}
+    assert list(rows) == list(latency.ROWS)
+    for name in ("naive", "ring", "ort", "ort-fp16", "tbn-run"):
+        _check_timed_row(rows[name], 2)
+    assert rows["naive"]["speedup"] == 1.0 and rows["ring"]["speedup_vs"] == "naive"
+    for name in ("naive-fp16", "ring-fp16"):  # CUDA only
+        assert "skipped" in rows[name] and "median_ms" not in rows[name]
+    for name in ("trt", "trt-fp32"):
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            assert "not installed" in rows[name]["skipped"] and "median_ms" not in rows[name]
+    assert rows["tbn-run"]["stream_stats"]["frames"] == 2
+    assert _is_png(png)
+    table = capsys.readouterr().out
+    assert "| PyTorch naive" in table and "ONNX Runtime fp16" in table
+    assert "Machine:" in table and "cores" in table
+
+
+def test_latency_random_model_and_row_choice(tmp_path):
+    out = tmp_path / "lat.json"
+    rc = latency.main(["--model", "tbn_tiny", "--size", "64x96", "--frames", "2", "--warmup",
+                       "0", "--only", "ring,naive", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["random_weights"] is True and report["config"]["model"] == "tbn_tiny"
+    assert [r["row"] for r in report["rows"]] == ["naive", "ring"]  # canonical order
+    for r in report["rows"]:
+        _check_timed_row(r, 2)
+
+
+def test_latency_bad_flags_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        latency.main(["--only", "naive,warp"])
+    assert e.value.code == 2 and "unknown rows" in capsys.readouterr().err
+    assert latency.main(["--export", str(tmp_path)]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+
+
+def test_accuracy_gate_passes_for_the_real_backends(bench, tmp_path):
+    out, png = tmp_path / "acc.json", tmp_path / "acc.png"
+    # The ground truth is the reference's output, so every flipped pixel costs mIoU; a random
+    # model has near-ties that fp16 flips, hence the wider fp16 tolerance here.
+    rc = accuracy.main(["--data", bench["data"], "--exports", f"{bench['fp32']},{bench['fp16']}",
+                        "--tol-fp16", "0.5", "--json", str(out), "--plot", str(png)])
+    report = json.loads(out.read_text())
+    assert rc == 0 and report["passed"] is True
+    _check_machine(report)
+    ref = report["reference"]
+    assert ref["mIoU"] == pytest.approx(100.0) and ref["frames"] == 18 and ref["videos"] == 1
+    rows = {r["row"]: r for r in report["rows"]}
+    assert {"ort fp32", "ort fp16", "trt fp32", "trt fp16"} <= set(rows)
+    for name in ("ort fp32", "ort fp16"):
+        r = rows[name]
+        assert r["passed"] is True
+        for k in ("mIoU", "mVC8", "mVC16"):
+            assert 0 < r[k] <= 100 and r[f"d_{k}"] is not None
+        assert 0.99 < r["agreement"] <= 1.0
+    assert abs(rows["ort fp32"]["d_mIoU"]) <= 0.01
+    assert _is_png(png)
+
+
+def test_accuracy_gate_fails_for_a_wrong_past_frame(bench, tmp_path, capsys):
+    out = tmp_path / "acc.json"
+    rc = accuracy.main(["--data", bench["data"], "--exports", bench["fp32"], "--no-fp16",
+                        "--fault", "wrong-past", "--json", str(out)])
+    assert rc == 1
+    report = json.loads(out.read_text())
+    row = next(r for r in report["rows"] if r["row"] == "ort fp32")
+    assert report["passed"] is False and row["passed"] is False and row["fault"] == "wrong-past"
+    assert row["d_mIoU"] < -0.01 and row["agreement"] < 1.0
+    assert "gate: FAIL" in capsys.readouterr().out
+
+
+def test_evaluate_backend_hook(bench):
+    """The gate's test hook: any Backend-like object, made wrong by inject_fault or by hand."""
+    import torch  # noqa: F401  (reference)
+    from tbn_runtime.backends.ort import OrtBackend
+    from tbn_runtime.manifest import load_manifest
+    from tbn_train.checkpoint import load_model
+    from tbn_train.data.vspw import index_split
+
+    videos = index_split(bench["data"], "val")
+    model, _ = load_model(bench["ckpt"])
+    ref_preds = accuracy.reference_predictions(model, videos, H, W)
+    ref = accuracy.evaluate_backend(_Replay(ref_preds, videos), videos, ref_preds)
+    assert ref["mIoU"] == pytest.approx(100.0) and ref["agreement"] == 1.0
+    tol = {"fp32": 0.01, "fp16": 0.1}
+
+    good = OrtBackend(bench["fp32"], load_manifest(bench["fp32"]), "cpu")
+    row = {"precision": "fp32", **accuracy.evaluate_backend(good, videos, ref_preds)}
+    assert accuracy.gate(row, ref, tol)[0] is True
+    good.close()
+
+    bad = accuracy.inject_fault(OrtBackend(bench["fp32"], load_manifest(bench["fp32"]), "cpu"),
+                                "wrong-past")
+    row = {"precision": "fp32", **accuracy.evaluate_backend(bad, videos, ref_preds)}
+    passed, why = accuracy.gate(row, ref, tol)
+    assert passed is False and "dmIoU" in why
+    bad.close()
+
+
+class _Replay:
+    """A Backend-like object that replays stored labels (the reference itself)."""
+
+    def __init__(self, preds, videos):
+        self.height, self.width = H, W
+        self._queue = [p for v in videos for p in preds[v.name]]
+
+    def reset(self):
+        pass
+
+    def infer(self, frame):
+        return self._queue.pop(0)
+
+
+def test_gpu_check_on_cpu(tmp_path):
+    out = tmp_path / "gc"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"),
+                        "--device", "cpu", "--frames", "2", "--model", "tbn_tiny", "--size",
+                        "64x96", "--rows", "naive,ring", "--no-pytest", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["passed"] is True and report["device"] == "cpu"
+    assert [s["step"] for s in report["steps"]] == ["latency"]
+    assert report["steps"][0]["rc"] == 0 and report["steps"][0]["timed_out"] is False
+    rows = {r["row"]: r for r in report["latency"]["rows"]}
+    assert list(rows) == ["naive", "ring"]
+    assert all(rows[n]["median_ms"] > 0 for n in rows)
+    assert (out / "latency.json").is_file() and _is_png(out / "latency.png")
+    assert "PyTorch naive" in (out / "latency.md").read_text()
