@@ -19,5 +19,8 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q --timeout 600 tests
 
+demo: install
+	bash scripts/demo.sh
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
