@@ -302,22 +302,3 @@ def parse_size(text: str) -> tuple:
     return h, w
 
 
-def randomize_batchnorm(model: Any, seed: int = 0) -> None:
-    """Give a random-init model random BatchNorm statistics and affine parameters.
-
-    Fresh BatchNorm layers hold mean 0, var 1, weight 1, bias 0: in eval mode they are the
-    identity, the activations of a random network shrink or blow up layer by layer, and the
-    argmax becomes nearly constant. Random statistics make the outputs varied (not degenerate)
-    without changing the cost of anything.
-    """
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                if m.weight is not None:
-                    m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                    m.bias.copy_(0.2 * torch.randn(n, generator=g))

@@ -140,14 +140,14 @@ def make_source(args: argparse.Namespace, tmp: str) -> Source:
     # runtime's torch backend, the exports) loads exactly the same weights.
     import torch
     from tbn_train.checkpoint import save_checkpoint
-    from tbn_train.models import build_model
+    from tbn_train.models import build_model, randomize_batchnorm
     h, w = args.size
     torch.manual_seed(args.seed)
     try:
         model = build_model(args.model)
     except ValueError as e:
         raise BenchError(str(e)) from None
-    common.randomize_batchnorm(model, args.seed)
+    randomize_batchnorm(model, args.seed)
     model.eval()
     ckpt = os.path.join(tmp, f"{args.model}-random.safetensors")
     save_checkpoint(ckpt, model, {"note": "random weights for benchmarks/latency.py"})

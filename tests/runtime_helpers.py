@@ -22,16 +22,11 @@ def get_export(tmp_path_factory) -> str:
     import torch
     from tbn_export.onnx_export import export_onnx
     from tbn_train.checkpoint import save_checkpoint
-    from tbn_train.models import build_model
+    from tbn_train.models import build_model, randomize_batchnorm
 
     torch.manual_seed(0)
     model = build_model("tbn_tiny").eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
+    randomize_batchnorm(model, seed=1)
     out = str(tmp_path_factory.mktemp("export"))
     ckpt = os.path.join(out, "model.safetensors")
     save_checkpoint(ckpt, model)

@@ -39,9 +39,9 @@ def bench(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)
-    from tbn_train.models import build_model
+    from tbn_train.models import build_model, randomize_batchnorm
     model = build_model("tbn_tiny").eval()
-    common.randomize_batchnorm(model, seed=3)
+    randomize_batchnorm(model, seed=3)
     ckpt = str(root / "tiny.safetensors")
     save_checkpoint(ckpt, model)
     fp32, fp16 = str(root / "export"), str(root / "export-fp16")

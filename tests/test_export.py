@@ -20,29 +20,17 @@ from tbn_export.verify import (LABEL_AGREEMENT, compare, onnx_chain, synthetic_f
 from tbn_runtime.files import sha256_file
 from tbn_runtime.manifest import load_manifest
 from tbn_train.checkpoint import save_checkpoint
-from tbn_train.models import build_model
+from tbn_train.models import build_model, randomize_batchnorm
 
 H, W = 64, 96
 N_FRAMES = 14  # includes the first nine, where max(t - k, 0) clamps to frame 0
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
 
-def _randomize_bn(model):
-    """Random BN statistics and affine so eval-mode BN is not the identity (as after training)."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return _randomize_bn(build_model("tbn_tiny")).eval()
+    return randomize_batchnorm(build_model("tbn_tiny")).eval()
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +160,7 @@ def test_broken_ring_fails_the_threshold(fp32_dir, frames, reference):
 @pytest.fixture(scope="module")
 def bisenet():
     torch.manual_seed(1)
-    return _randomize_bn(build_model("bisenet_tiny", num_classes=11)).eval()
+    return randomize_batchnorm(build_model("bisenet_tiny", num_classes=11)).eval()
 
 
 @pytest.fixture(scope="module")

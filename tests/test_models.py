@@ -5,23 +5,13 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from tbn_train.models import BackboneError, build_model, list_models
-
-
-def _randomize_bn(model):
-    """Random BN statistics so eval-mode BN is not the identity (as after training)."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
+from tbn_train.models import BackboneError, build_model, list_models, randomize_batchnorm
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return _randomize_bn(build_model("tbn_tiny", num_classes=11)).eval()
+    return randomize_batchnorm(build_model("tbn_tiny", num_classes=11)).eval()
 
 
 @pytest.mark.parametrize("size", [(480, 480), (480, 853), (479, 479), (240, 320)])
@@ -64,7 +54,7 @@ def test_temporal_head_order_free_but_uses_past(tiny):
 
 
 def test_bilateral_ignores_past():
-    model = _randomize_bn(build_model("bisenet_tiny", num_classes=5)).eval()
+    model = randomize_batchnorm(build_model("bisenet_tiny", num_classes=5)).eval()
     torch.manual_seed(3)
     clip = torch.randn(1, 4, 3, 64, 96)
     other = clip.clone()
@@ -78,7 +68,7 @@ def test_bilateral_ignores_past():
 
 
 def test_stppm_split_and_past():
-    model = _randomize_bn(build_model("stppm_tiny", num_classes=7)).eval()
+    model = randomize_batchnorm(build_model("stppm_tiny", num_classes=7)).eval()
     torch.manual_seed(4)
     clip = torch.randn(1, 4, 3, 96, 96)
     with torch.no_grad():
@@ -105,7 +95,7 @@ def test_gradients_reach_every_parameter(name):
 
 def test_past_grad_switch_same_output():
     torch.manual_seed(6)
-    model = _randomize_bn(build_model("tbn_tiny", num_classes=4)).eval()
+    model = randomize_batchnorm(build_model("tbn_tiny", num_classes=4)).eval()
     clip = torch.randn(1, 4, 3, 64, 64)
     torch.testing.assert_close(model(clip, past_grad=False), model(clip), rtol=1e-4, atol=1e-4)
 

@@ -121,3 +121,25 @@ def _check_rank(x: torch.Tensor, rank: int, expected: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != rank:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"expected an input shaped {expected}, got {got}")
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give a random-init model random BatchNorm statistics and affine parameters.
+
+    Fresh BatchNorm layers hold mean 0, var 1, weight 1, bias 0: in eval mode they are the
+    identity, the activations of a random network shrink or blow up layer by layer, and the
+    argmax becomes nearly constant. Random statistics make the outputs varied, as after training,
+    for tests and benchmarks that run without a trained checkpoint. Returns the model.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                if m.weight is not None:
+                    m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                    m.bias.copy_(0.2 * torch.randn(n, generator=g))
+    return model
+
