@@ -137,6 +137,20 @@ def resolve_accum(cfg: TrainConfig, world: int) -> int:
     return cfg.global_batch // per_step
 
 
+def check_batchnorm_batch(cfg: TrainConfig, model, info: DistInfo) -> None:
+    """BiSeNet's attention and global-context BatchNorms see one value per channel and frame:
+    with a single frame per forward pass, BatchNorm cannot train. Say so before step 1."""
+    n_past = len(model.temporal_offsets)
+    frames = cfg.batch_size * (n_past + 1 if n_past and cfg.past_grad else 1)
+    if info.distributed and info.device.type == "cuda":
+        frames *= info.world_size  # SyncBatchNorm pools the statistics of every process
+    if frames < 2:
+        raise ValueError(f"{cfg.model} with batch size {cfg.batch_size} puts one frame through "
+                         f"each BatchNorm (its global-pooling BatchNorms need 2 or more): use "
+                         f"--batch-size 2 (with --global-batch a multiple of it), "
+                         f"{'--past-grad, ' if n_past else ''}or several GPUs with SyncBatchNorm")
+
+
 # -- checkpoints ----------------------------------------------------------------------------------
 def save_last(stage_dir: Path, model, cfg: TrainConfig, state: Dict) -> None:
     save_checkpoint(str(stage_dir / "last.safetensors"), model, cfg.to_dict(),
@@ -197,6 +211,7 @@ def train_stage(cfg: TrainConfig, stage: int, out: Path, info: DistInfo, resume:
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     accum = resolve_accum(cfg, info.world_size)
+    check_batchnorm_batch(cfg, model, info)
     loader, sampler = build_loader(cfg, model, info, accum)
     iters = cfg.iters if stage == 1 else cfg.stage2_iters
     total = iters if iters > 0 else cfg.epochs * sampler.steps_per_epoch

@@ -116,6 +116,14 @@ def test_user_mistakes_exit_2_with_one_line(argv, words, capsys, tmp_path):
         assert w in err[0]
 
 
+def test_image_model_at_batch_1_is_refused_before_training(synth_root, tmp_path, capsys):
+    argv = ["--preset", "demo_bisenet", "--data", str(synth_root), "--batch-size", "1",
+            "--global-batch", "0", "--iters", "1", "--out", str(tmp_path / "o")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size 2" in err[0], err
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
