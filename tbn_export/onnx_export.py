@@ -149,12 +149,10 @@ def _torch_onnx_export(module: nn.Module, args: Tuple[torch.Tensor, ...], input_
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxslim (constant folding, dead-node removal, shape inference) when it is installed and
-    succeeds; otherwise the graph as exported (the TorchScript exporter already folds constants)."""
-    try:
-        import onnxslim
-    except ImportError:
-        return model
+    """onnxslim (constant folding, dead-node removal, shape inference); if it fails, the graph
+    as exported (the TorchScript exporter already folds constants)."""
+    import onnxslim
+
     try:
         slim = onnxslim.slim(model)
     except Exception as e:  # a slim failure must not lose the export
