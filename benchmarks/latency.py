@@ -37,20 +37,19 @@ temporary folder (so are missing precisions of --export, from its checkpoint).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from paths import (  # noqa: E402
+    BenchError, Skip, Source, make_source, BackendPath, cuda_sync, build_path, engine_export)
 
 ROWS = ("naive", "naive-fp16", "ring", "ring-fp16", "ort", "ort-fp16", "trt", "trt-fp32",
         "tbn-run")
@@ -65,305 +64,6 @@ LABELS = {
     "trt-fp32": "TensorRT fp32",
     "tbn-run": "tbn-run end to end",
 }
-
-
-class BenchError(RuntimeError):
-    """A benchmark that cannot run as asked; one line for the user."""
-
-
-class Skip(Exception):
-    """A row that cannot run here; the message says why (reported in the table)."""
-
-
-# -- the model and its exports -------------------------------------------------------------------
-@dataclasses.dataclass
-class Source:
-    """Where the rows get their model: a checkpoint, a manifest, and export dirs per precision."""
-
-    model_name: str
-    height: int
-    width: int
-    checkpoint: Optional[str]
-    manifest: Any                       # tbn_runtime.manifest.Manifest (fp32 or the first given)
-    exports: Dict[str, str]             # precision -> export dir
-    random_weights: bool
-    tmp: str
-    export_seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def export_dir(self, precision: str, device: str) -> str:
-        """The export of `precision`, made on the fly from the checkpoint if there is none."""
-        if precision in self.exports:
-            return self.exports[precision]
-        if not self.checkpoint:
-            raise Skip(f"no {precision} export given and no checkpoint to export one from")
-        from tbn_export.onnx_export import export_onnx
-        from tbn_train.checkpoint import load_model
-        out = os.path.join(self.tmp, f"export-{precision}")
-        print(f"latency: exporting {self.model_name} {precision} at {self.height}x{self.width} "
-              f"into {out} ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        model, _ = load_model(self.checkpoint)
-        export_onnx(model, out, self.height, self.width, fp16=(precision == "fp16"),
-                    checkpoint_path=self.checkpoint)
-        self.export_seconds[precision] = time.perf_counter() - t0
-        self.exports[precision] = out
-        return out
-
-
-def make_source(args: argparse.Namespace, tmp: str) -> Source:
-    from tbn_runtime.manifest import ManifestError, load_manifest
-    if args.export:
-        exports: Dict[str, str] = {}
-        manifests = []
-        for d in [d for d in args.export.split(",") if d]:
-            try:
-                m = load_manifest(d)
-            except ManifestError as e:
-                raise BenchError(str(e)) from None
-            if m.precision in exports:
-                raise BenchError(f"two {m.precision} exports given: {exports[m.precision]}, {d}")
-            exports[m.precision] = d
-            manifests.append(m)
-        first = manifests[0]
-        for m, d in zip(manifests[1:], list(exports.values())[1:]):
-            if (m.model, m.height, m.width) != (first.model, first.height, first.width):
-                raise BenchError(f"exports differ: {first.model} {first.height}x{first.width} "
-                                 f"and {m.model} {m.height}x{m.width} ({d})")
-        ckpt = (first.checkpoint or {}).get("path")
-        if ckpt and not os.path.isabs(ckpt) and not os.path.isfile(ckpt):
-            ckpt = os.path.join(list(exports.values())[0], ckpt)
-        if ckpt and not os.path.isfile(ckpt):
-            ckpt = None
-        return Source(first.model, first.height, first.width, ckpt, first, exports, False, tmp)
-
-    # random weights: build, randomise BatchNorm, save a checkpoint so that every path (the
-    # runtime's torch backend, the exports) loads exactly the same weights.
-    import torch
-    from tbn_train.checkpoint import save_checkpoint
-    from tbn_train.models import build_model, randomize_batchnorm
-    h, w = args.size
-    torch.manual_seed(args.seed)
-    try:
-        model = build_model(args.model)
-    except ValueError as e:
-        raise BenchError(str(e)) from None
-    randomize_batchnorm(model, args.seed)
-    model.eval()
-    ckpt = os.path.join(tmp, f"{args.model}-random.safetensors")
-    save_checkpoint(ckpt, model, {"note": "random weights for benchmarks/latency.py"})
-    manifest = torch_manifest(model, h, w, ckpt)
-    return Source(args.model, h, w, ckpt, manifest, {}, True, tmp)
-
-
-def torch_manifest(model: Any, height: int, width: int, checkpoint: str,
-                   precision: str = "fp32") -> Any:
-    """A manifest for the runtime's torch backend (which reads only the checkpoint, no ONNX)."""
-    from tbn_export.onnx_export import class_vocabulary, feature_shape_of
-    from tbn_runtime.files import sha256_file
-    from tbn_runtime.manifest import Manifest
-    from tbn_runtime.preprocess import MEAN_RGB, STD_RGB
-    names, palette = class_vocabulary(int(model.num_classes))
-    offsets = [int(k) for k in model.temporal_offsets]
-    return Manifest(
-        model=model.model_name, num_classes=int(model.num_classes), class_names=names,
-        palette=palette, height=height, width=width, mean=list(MEAN_RGB), std=list(STD_RGB),
-        feature_shape=feature_shape_of(model, height, width),
-        feature_dtype="float16" if precision == "fp16" else "float32",
-        temporal_offsets=offsets, precision=precision,
-        past_inputs=[f"past_{k}" for k in offsets],
-        checkpoint={"path": os.path.abspath(checkpoint), "sha256": sha256_file(checkpoint)})
-
-
-# -- the rows ----------------------------------------------------------------------------------
-class NaivePath:
-    """model(clip) per frame: the backbone over all 4 frames of the clip (the naive pipeline).
-
-    Frames are normalised once each (kept for max(offsets) + 1 frames) exactly as the torch
-    backend does it; only the backbone work differs from the ring.
-    """
-
-    def __init__(self, checkpoint: str, device: str, fp16: bool, height: int, width: int):
-        import torch
-        from tbn_runtime.preprocess import MEAN_RGB, STD_RGB
-        from tbn_train.checkpoint import load_model
-        self.torch = torch
-        self.dev = torch.device(device)
-        model, _ = load_model(checkpoint)
-        self.model = model.to(self.dev).eval()
-        self.offsets = tuple(self.model.temporal_offsets)
-        self.fp16 = fp16
-        self.size = (height, width)
-        self.mean = torch.tensor(MEAN_RGB, device=self.dev).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD_RGB, device=self.dev).view(1, 3, 1, 1)
-        self.frames: Dict[int, Any] = {}
-        self.t = -1
-
-    def describe(self) -> str:
-        amp = ", fp16 autocast" if self.fp16 else ""
-        return f"torch {self.torch.__version__} on {self.dev} (eager{amp}, model(clip))"
-
-    def reset(self) -> None:
-        self.frames.clear()
-        self.t = -1
-
-    def infer(self, frame: np.ndarray) -> np.ndarray:
-        from tbn_runtime.temporal import clip_indices
-        torch = self.torch
-        self.t += 1
-        with torch.inference_mode():
-            x = torch.from_numpy(frame)[None].to(self.dev)
-            x = (x.flip(-1).permute(0, 3, 1, 2).float() - self.mean) / self.std
-            self.frames[self.t] = x
-            keep = max(self.offsets, default=0)
-            self.frames.pop(self.t - keep - 1, None)
-            idx = clip_indices(self.t, self.offsets) if self.offsets else [self.t]
-            clip = torch.stack([self.frames[i][0] for i in idx])[None]
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
-                logits = self.model(clip)
-            return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
-
-    def close(self) -> None:
-        self.model = None
-        self.frames.clear()
-
-
-@contextlib.contextmanager
-def ort_without_spinning(enabled: bool = True):
-    """ONNX Runtime sessions created inside this block do not spin-wait between runs.
-
-    By default ONNX Runtime's intra-op threads keep spinning on the cores after a run, waiting
-    for the next one; in a process that also runs PyTorch (its own thread pool, the same cores)
-    that steals the CPU from whatever runs next -- on 2 cores it made the interleaved PyTorch
-    rows several times slower. A deployment runs one engine per process and is not affected;
-    the benchmark turns spinning off (session.intra_op/inter_op.allow_spinning = 0) so the rows
-    do not distort each other. The runtime's ort backend builds its own SessionOptions, so they
-    are patched for the duration of its construction.
-    """
-    if not enabled:
-        yield
-        return
-    import onnxruntime as ort
-    original = ort.SessionOptions
-
-    def options() -> Any:
-        o = original()
-        o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        o.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        return o
-    ort.SessionOptions = options
-    try:
-        yield
-    finally:
-        ort.SessionOptions = original
-
-
-class BackendPath:
-    """One of the runtime's backends (torch ring, ort, trt) on an export dir."""
-
-    #: set by main(): ONNX Runtime sessions without spin-waiting (see ort_without_spinning)
-    ort_no_spin = True
-
-    def __init__(self, backend_name: str, export_dir: str, manifest: Any, device: str,
-                 **kwargs: Any):
-        from tbn_runtime.backends import BackendError, backend_class
-        cls = backend_class(backend_name)
-        ok, reason = cls.available(device)
-        if not ok:
-            raise Skip(reason)
-        try:
-            with ort_without_spinning(backend_name == "ort" and self.ort_no_spin):
-                self.backend = cls(export_dir, manifest, device, **kwargs)
-        except BackendError as e:
-            raise Skip(str(e)) from None
-
-    def describe(self) -> str:
-        return self.backend.describe()
-
-    def reset(self) -> None:
-        self.backend.reset()
-
-    def infer(self, frame: np.ndarray) -> np.ndarray:
-        return self.backend.infer(frame)
-
-    def close(self) -> None:
-        self.backend.close()
-
-
-def _cuda_sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-        torch.cuda.synchronize()
-
-
-def build_path(row: str, src: Source, device: str) -> Any:
-    """The object that runs one row; Skip if it cannot run here."""
-    fp16 = row.endswith("-fp16") or row == "trt"
-    if row in ("naive-fp16", "ring-fp16") and device != "cuda":
-        raise Skip("fp16 autocast rows are for --device cuda")
-    if row.startswith("naive") or row.startswith("ring"):
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise Skip("torch is not installed") from None
-        if device == "cuda" and not torch.cuda.is_available():
-            raise Skip("torch sees no CUDA device")
-        if not src.checkpoint:
-            raise Skip("the export's manifest names no checkpoint that exists here")
-    if row.startswith("naive"):
-        return NaivePath(src.checkpoint, device, fp16, src.height, src.width)
-    if row.startswith("ring"):
-        ckpt = {"path": os.path.abspath(src.checkpoint),
-                "sha256": (src.manifest.checkpoint or {}).get("sha256")}
-        manifest = dataclasses.replace(src.manifest, precision="fp16" if fp16 else "fp32",
-                                       checkpoint=ckpt)
-        return BackendPath("torch", src.tmp, manifest, device)
-    if row.startswith("ort"):
-        from tbn_runtime.backends import backend_class
-        ok, reason = backend_class("ort").available(device)
-        if not ok:
-            raise Skip(reason)
-        d = src.export_dir("fp16" if fp16 else "fp32", device)
-        from tbn_runtime.manifest import load_manifest
-        return BackendPath("ort", d, load_manifest(d), device)
-    if row.startswith("trt"):
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise Skip("tensorrt not installed") from None
-        except Exception as e:  # installed but broken (missing libraries)
-            raise Skip(f"tensorrt does not import ({e.__class__.__name__}: {e})") from None
-        if device != "cuda":
-            raise Skip("TensorRT runs on a GPU only (--device cuda)")
-        d = engine_export(src, "fp16" if fp16 else "fp32")
-        from tbn_runtime.manifest import load_manifest
-        return BackendPath("trt", d, load_manifest(d), device)
-    raise BenchError(f"unknown row {row}")
-
-
-def engine_export(src: Source, precision: str) -> str:
-    """An export dir with TensorRT engines of `precision` (built by tbn-export on the fly)."""
-    from tbn_runtime.manifest import load_manifest
-    d = src.exports.get(precision)
-    if d and "feature.engine" in load_manifest(d).files:
-        return d
-    if not src.checkpoint:
-        raise Skip(f"no {precision} export with engines and no checkpoint to build one")
-    out = os.path.join(src.tmp, f"engine-{precision}")
-    cmd = [sys.executable, "-m", "tbn_export", "--checkpoint", src.checkpoint, "--out", out,
-           "--height", str(src.height), "--width", str(src.width)]
-    if precision == "fp16":
-        cmd.append("--fp16")
-    print(f"latency: building TensorRT {precision} engines: {' '.join(cmd)}", file=sys.stderr,
-          flush=True)
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    src.export_seconds[f"trt-{precision}"] = time.perf_counter() - t0
-    if r.returncode != 0:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise Skip(f"tbn-export failed: {tail[0]}")
-    if "feature.engine" not in load_manifest(out).files:
-        raise Skip("tbn-export wrote no TensorRT engines here")
-    return out
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -417,7 +117,7 @@ def run_rows(rows: Sequence[str], src: Source, device: str, frames: List[np.ndar
                 path.reset()
                 for f in frames[:warmup]:
                     path.infer(f)
-                _cuda_sync(device)
+                cuda_sync(device)
             except Skip as e:
                 res["skipped"] = str(e)
                 print(f"latency: {row}: skipped ({e})", file=sys.stderr, flush=True)
@@ -450,7 +150,7 @@ def run_rows(rows: Sequence[str], src: Source, device: str, frames: List[np.ndar
                 sampler.start()
                 t0 = time.perf_counter()
                 path.infer(f)
-                _cuda_sync(device)
+                cuda_sync(device)
                 dt = time.perf_counter() - t0
                 peak = sampler.stop()
                 res["_times"].append(dt)

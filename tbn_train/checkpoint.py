@@ -9,7 +9,6 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 

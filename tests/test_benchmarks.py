@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +28,6 @@ def bench(tmp_path_factory):
     whose ground truth is the PyTorch reference's own output (so the reference scores 100 mIoU
     and any backend that deviates loses mIoU visibly)."""
     import torch
-    import common
     from tbn_export.onnx_export import export_onnx
     from tbn_runtime.classes import train_ids_to_raw
     from tbn_runtime.masks import write_mask_png
@@ -162,7 +160,6 @@ def test_accuracy_gate_fails_for_a_wrong_past_frame(bench, tmp_path, capsys):
 
 def test_evaluate_backend_hook(bench):
     """The gate's test hook: any Backend-like object, made wrong by inject_fault or by hand."""
-    import torch  # noqa: F401  (reference)
     from tbn_runtime.backends.ort import OrtBackend
     from tbn_runtime.manifest import load_manifest
     from tbn_train.checkpoint import load_model

@@ -11,7 +11,7 @@ challenge, 49.85% mIoU on the VSPW test set; paper in shared/paper/tbn-vit.txt).
 The bilateral network (paper Table 1, row 3) is the same model without the temporal module.
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
