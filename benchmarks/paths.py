@@ -7,7 +7,6 @@ it raises Skip with the reason when it cannot run on this machine (not installed
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import subprocess
@@ -178,40 +177,14 @@ class NaivePath:
         self.frames.clear()
 
 
-@contextlib.contextmanager
-def ort_without_spinning(enabled: bool = True):
-    """ONNX Runtime sessions created inside this block do not spin-wait between runs.
-
-    By default ONNX Runtime's intra-op threads keep spinning on the cores after a run, waiting
-    for the next one; in a process that also runs PyTorch (its own thread pool, the same cores)
-    that steals the CPU from whatever runs next -- on 2 cores it made the interleaved PyTorch
-    rows several times slower. A deployment runs one engine per process and is not affected;
-    the benchmark turns spinning off (session.intra_op/inter_op.allow_spinning = 0) so the rows
-    do not distort each other. The runtime's ort backend builds its own SessionOptions, so they
-    are patched for the duration of its construction.
-    """
-    if not enabled:
-        yield
-        return
-    import onnxruntime as ort
-    original = ort.SessionOptions
-
-    def options() -> Any:
-        o = original()
-        o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        o.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        return o
-    ort.SessionOptions = options
-    try:
-        yield
-    finally:
-        ort.SessionOptions = original
-
-
 class BackendPath:
     """One of the runtime's backends (torch ring, ort, trt) on an export dir."""
 
-    #: set by main(): ONNX Runtime sessions without spin-waiting (see ort_without_spinning)
+    #: set by main(). ONNX Runtime's intra-op threads spin-wait between runs by default; in a
+    #: process that also runs PyTorch on the same cores that steals the CPU from whatever runs
+    #: next (on 2 cores it made the interleaved PyTorch rows several times slower). A
+    #: deployment runs one engine per process and is not affected; the benchmark turns spinning
+    #: off so that the rows do not distort each other.
     ort_no_spin = True
 
     def __init__(self, backend_name: str, export_dir: str, manifest: Any, device: str,
@@ -221,9 +194,10 @@ class BackendPath:
         ok, reason = cls.available(device)
         if not ok:
             raise Skip(reason)
+        if backend_name == "ort":
+            kwargs.setdefault("spinning", not self.ort_no_spin)
         try:
-            with ort_without_spinning(backend_name == "ort" and self.ort_no_spin):
-                self.backend = cls(export_dir, manifest, device, **kwargs)
+            self.backend = cls(export_dir, manifest, device, **kwargs)
         except BackendError as e:
             raise Skip(str(e)) from None
 

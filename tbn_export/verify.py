@@ -121,30 +121,25 @@ def video_frames(path: str, n: int, height: int, width: int) -> List[np.ndarray]
 
 
 # -- the two chains ----------------------------------------------------------------------------
-def _sessions(export_dir: str, manifest: Manifest, providers: Optional[Sequence[str]] = None):
-    import onnxruntime as ort
+def _sessions(export_dir: str, manifest: Manifest, device: str = "cpu"):
+    from tbn_runtime.backends.base import BackendError
+    from tbn_runtime.backends.ort import create_session
+    from tbn_runtime.manifest import ManifestError
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    providers = list(providers or ["CPUExecutionProvider"])
     try:
-        feature = ort.InferenceSession(manifest.verify_file(export_dir, "feature.onnx"), opts,
-                                       providers=providers)
-        temporal = ort.InferenceSession(manifest.verify_file(export_dir, "temporal.onnx"), opts,
-                                        providers=providers)
-    except Exception as e:  # ManifestError, or ORT refusing the graph
+        return tuple(create_session(manifest.verify_file(export_dir, name), device)
+                     for name in ("feature.onnx", "temporal.onnx"))
+    except (ManifestError, BackendError) as e:
         raise VerifyError(f"cannot load the export in {export_dir}: "
                           f"{str(e).splitlines()[0]}") from e
-    return feature, temporal
 
 
 def onnx_chain(export_dir: str, frames: Sequence[np.ndarray],
-               manifest: Optional[Manifest] = None,
-               providers: Optional[Sequence[str]] = None
+               manifest: Optional[Manifest] = None, device: str = "cpu"
                ) -> Tuple[List[np.ndarray], List[np.ndarray]]:
     """(features, labels) per frame from the exported graphs, chained through a FeatureRing."""
     manifest = manifest or load_manifest(export_dir)
-    feature_sess, temporal_sess = _sessions(export_dir, manifest, providers)
+    feature_sess, temporal_sess = _sessions(export_dir, manifest, device)
     shape, dtype = tuple(manifest.feature_shape), np.dtype(manifest.feature_dtype)
     ring = None
     if manifest.temporal_offsets:
@@ -201,9 +196,9 @@ def compare(onnx_out, torch_out, precision: str) -> VerifyResult:
 
 
 def verify_export(export_dir: str, model, frames: Sequence[np.ndarray],
-                  providers: Optional[Sequence[str]] = None) -> VerifyResult:
+                  device: str = "cpu") -> VerifyResult:
     """Compare the export in export_dir with `model` (the PyTorch model it was made from)."""
     manifest = load_manifest(export_dir)
-    onnx_out = onnx_chain(export_dir, frames, manifest, providers)
+    onnx_out = onnx_chain(export_dir, frames, manifest, device)
     torch_out = torch_chain(model, frames)
     return compare(onnx_out, torch_out, manifest.precision)

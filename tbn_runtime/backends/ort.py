@@ -8,7 +8,7 @@ never cross to the host; only the frame goes in and the uint8 labels come back.
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
@@ -28,6 +28,38 @@ def _import_ort():
     return ort
 
 
+def create_session(path: str, device: str = "cpu", *, spinning: bool = True,
+                   threads: Optional[int] = None, profile_prefix: Optional[str] = None) -> Any:
+    """The one way tbn-vit opens an ONNX graph in ONNX Runtime: all optimisations on, quiet
+    logs, the CUDA provider first on 'cuda' (CPU behind it for the ops CUDA lacks).
+
+    spinning=False stops the intra-op threads from spin-waiting between runs: in a process that
+    also runs PyTorch or a second session on the same cores, spinning threads steal the CPU
+    from whatever runs next (the benchmarks interleave rows). threads: intra-op threads
+    (default: ONNX Runtime's, one per core). profile_prefix: write ONNX Runtime's JSON profile
+    (per-node timings) to files starting with it; `session.end_profiling()` returns the name.
+    Raises BackendError with ONNX Runtime's first line when the graph cannot be loaded.
+    """
+    ort = _import_ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    providers = [_CUDA_EP, _CPU_EP] if device == "cuda" else [_CPU_EP]
+    try:
+        return ort.InferenceSession(path, opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BackendError(f"ONNX Runtime cannot load {path}: {first}") from e
+
+
 class OrtBackend(Backend):
     name = "ort"
     install_hint = "pip install onnxruntime (CUDA: pip install tbn-vit[gpu])"
@@ -45,7 +77,8 @@ class OrtBackend(Backend):
                            f"onnxruntime && pip install tbn-vit[gpu]")
         return True, f"onnxruntime {ort.__version__} ({_CUDA_EP if device == 'cuda' else _CPU_EP})"
 
-    def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu") -> None:
+    def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu", *,
+                 spinning: bool = True) -> None:
         super().__init__(export_dir, manifest, device)
         ok, reason = self.available(device)
         if not ok:
@@ -54,17 +87,8 @@ class OrtBackend(Backend):
         self._ort = ort
         feature_path = manifest.verify_file(export_dir, "feature.onnx")
         temporal_path = manifest.verify_file(export_dir, "temporal.onnx")
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        providers = [_CUDA_EP, _CPU_EP] if device == "cuda" else [_CPU_EP]
-        try:
-            self.feature_sess = ort.InferenceSession(feature_path, opts, providers=providers)
-            self.temporal_sess = ort.InferenceSession(temporal_path, opts, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BackendError(f"ONNX Runtime cannot load {export_dir}: {first}") from e
+        self.feature_sess = create_session(feature_path, device, spinning=spinning)
+        self.temporal_sess = create_session(temporal_path, device, spinning=spinning)
         if device == "cuda" and _CUDA_EP not in self.feature_sess.get_providers():
             raise BackendError("ONNX Runtime did not start the CUDA execution provider (no GPU "
                                "or CUDA/cuDNN libraries missing); use --device cpu")
