@@ -207,6 +207,20 @@ def fmt(v: Any, digits: int = 1) -> str:
     return str(v)
 
 
+def percent(v: float, digits: int = 2) -> str:
+    """A share (0..1) as a percentage that is never rounded up to 100% when it is not 100%
+    (0.99996 -> '99.996%', not '100.00%')."""
+    if v >= 1:
+        return "100%"
+    p, d = 100.0 * v, digits
+    while d < 6 and f"{p:.{d}f}".startswith("100"):
+        d += 1
+    text = f"{p:.{d}f}"
+    if text.startswith("100"):
+        text = f"{int(p * 10 ** d) / 10 ** d:.{d}f}"
+    return text + "%"
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; numbers right-aligned."""
     cells = [[str(c) for c in r] for r in rows]

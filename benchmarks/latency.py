@@ -1,6 +1,7 @@
 """Per-frame latency of every inference path, side by side, in one process, on the same frames.
 
-    python benchmarks/latency.py                                   # tbn_swin_t 480x480, random weights
+    python benchmarks/latency.py                     # the exports under runs/tbn (tbn-export's)
+    python benchmarks/latency.py --model tbn_swin_t --size 480x480   # random weights
     python benchmarks/latency.py --model tbn_swin_l --size 480x864 --device cuda
     python benchmarks/latency.py --export runs/tbn/export,runs/tbn/export-fp16 --frames 20
     python benchmarks/latency.py --only naive,ring,ort --json out.json --plot out.png
@@ -22,34 +23,40 @@ Every row is fed the same frames (a synthetic video from tbn_train.data.synth), 
 and interleaved: frame t goes through every row before frame t+1, so slow drifts of the machine
 (other processes, clocks, temperature) hit every row alike. The first --warmup frames are run
 but not timed; the per-frame latency of the remaining --frames frames is reported as median,
-p90 and p99 (quote medians). Speed-up is the first row's median over the row's median.
+p90 and p99 (quote medians). Speed-up is the first row's median over the row's median;
+"labels =" is the share of pixels whose label equals the naive row's on the same frame.
+A row that cannot run is reported as skipped, one that breaks (import, export, out of memory)
+as failed with its reason; the other rows go on. --time-budget bounds the whole run, exports and
+engine builds included; SIGTERM stops it like the budget does (what was measured is reported);
+its temporary exports are removed on every exit (and those of killed runs at the next start).
 
 Memory per row: host RSS it adds when it is built and warmed up, plus the largest transient
 rise during one of its frames (sampled every 5 ms, heap trimmed before each frame); on CUDA the
 torch rows report torch.cuda.max_memory_allocated, the others the device memory they hold.
 
 Model: --export DIR[,DIR...] (tbn-export outputs; the torch rows load the checkpoint named in
-the manifest), or --model NAME --size HxW with random weights (BatchNorm statistics randomised
-so the outputs are not degenerate); ONNX exports for the ort rows are then made on the fly in a
-temporary folder (so are missing precisions of --export, from its checkpoint).
+the manifest); without flags, the exports under runs/tbn (the newest of each precision: what the
+README's commands made); or --model NAME --size HxW with random weights (BatchNorm statistics
+randomised so the outputs are not degenerate), tbn_swin_t at 480x480 where there is no export.
+ONNX exports the rows need are made on the fly in a temporary folder from the checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
-
-import numpy as np
+from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from paths import (  # noqa: E402
-    BenchError, Skip, Source, make_source, BackendPath, cuda_sync, build_path, engine_export)
+import measure  # noqa: E402
+from paths import BenchError, make_source  # noqa: E402
 
 ROWS = ("naive", "naive-fp16", "ring", "ring-fp16", "ort", "ort-fp16", "trt", "trt-fp32",
         "tbn-run")
@@ -64,250 +71,119 @@ LABELS = {
     "trt-fp32": "TensorRT fp32",
     "tbn-run": "tbn-run end to end",
 }
+TMP_PREFIX = "tbn-latency-"
 
 
-# -- measuring -----------------------------------------------------------------------------------
-class Meter:
-    """Memory bookkeeping of one row (see the module docstring)."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.torch = None
-        if device == "cuda":
-            import torch
-            self.torch = torch
-
-    def device_used(self) -> int:
-        if self.torch is None:
-            return 0
-        free, total = self.torch.cuda.mem_get_info()
-        return total - free
+class Stopped(BaseException):
+    """SIGTERM: stop measuring, report what was measured, clean up."""
 
 
-def synth_frames(height: int, width: int, n: int, seed: int) -> List[np.ndarray]:
-    """n frames of a synthetic video (moving textured objects on a panning background)."""
-    from tbn_train.data.synth import make_video
-    h2, w2 = height + height % 2, width + width % 2  # make_video wants even sizes
-    imgs, _ = make_video(np.random.default_rng(seed), h2, w2, n, classes=5)
-    return [np.ascontiguousarray(f[:height, :width]) for f in imgs]
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Stopped()
 
 
-def run_rows(rows: Sequence[str], src: Source, device: str, frames: List[np.ndarray],
-             warmup: int, time_budget: Optional[float]) -> List[Dict[str, Any]]:
-    """Build every row, then stream the frames through them interleaved; results per row."""
-    results: List[Dict[str, Any]] = []
-    live: List[Tuple[Dict[str, Any], Any]] = []
-    sampler = common.RssSampler()
-    torch = None
-    if device == "cuda":
+def sweep_killed_runs() -> None:
+    """Remove the temporary folders of latency runs that were killed (SIGKILL leaves them)."""
+    from tbn_runtime.files import process_alive
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), f"{TMP_PREFIX}*")):
+        pid = os.path.basename(d)[len(TMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def synth_frames(height: int, width: int, n: int, seed: int) -> List[Any]:
+    from tbn_train.data.synth import synthetic_frames
+    return synthetic_frames(n, height, width, seed)
+
+
+def default_exports() -> Optional[str]:
+    """The newest export of each precision under runs/tbn of the newest one's model and size
+    (comma-separated), or None."""
+    from tbn_runtime.manifest import ManifestError, load_manifest
+    from tbn_runtime.segmenter import DEFAULT_RUN, find_exports
+    chosen: Dict[str, str] = {}
+    first = None
+    for d in find_exports(DEFAULT_RUN):
+        try:
+            m = load_manifest(d)
+        except ManifestError:
+            continue
+        key = (m.model, m.height, m.width)
+        first = first or key
+        if key == first and m.precision not in chosen:
+            chosen[m.precision] = d
+    return ",".join(chosen.values()) or None
+
+
+def run(args: argparse.Namespace, tmp: str, budget: "measure.Budget",
+        results: List[Dict[str, Any]], sources: List[Any]) -> None:
+    """Build, time and finish every row into `results` (filled as it goes, so a run stopped
+    half-way still has what it measured); the model source goes into `sources`."""
+    src = make_source(args, tmp)
+    sources.append(src)
+    frames = synth_frames(src.height, src.width, args.warmup + args.frames, args.seed)
+    if args.device == "cuda":
         import torch
         torch.zeros(1, device="cuda")  # the CUDA context, so no row is charged for it
-    try:
-        for row in rows:
-            res: Dict[str, Any] = {"row": row, "label": LABELS[row], "device": device}
-            results.append(res)
-            if row == "tbn-run":
-                continue
-            common.trim_heap()
-            rss0 = common.rss_bytes()
-            dev0 = Meter(device).device_used()
-            t0 = time.perf_counter()
-            try:
-                path = build_path(row, src, device)
-                path.reset()
-                for f in frames[:warmup]:
-                    path.infer(f)
-                cuda_sync(device)
-            except Skip as e:
-                res["skipped"] = str(e)
-                print(f"latency: {row}: skipped ({e})", file=sys.stderr, flush=True)
-                continue
-            common.trim_heap()
-            res["setup_s"] = time.perf_counter() - t0
-            res["describe"] = path.describe()
-            res["resident_host_bytes"] = max(common.rss_bytes() - rss0, 0)
-            res["resident_device_bytes"] = max(Meter(device).device_used() - dev0, 0)
-            res["_times"], res["_transient"], res["_dev_peak"] = [], 0, 0
-            backend = getattr(path, "backend", None)
-            res["_stage0"] = dict(backend.timings) if backend is not None else None
-            live.append((res, path))
-            print(f"latency: {row}: ready ({res['describe']}, {res['setup_s']:.1f} s)",
-                  file=sys.stderr, flush=True)
-
-        start = time.perf_counter()
-        for i, f in enumerate(frames[warmup:]):
-            if time_budget is not None and i > 0 and time.perf_counter() - start > time_budget:
-                print(f"latency: time budget of {time_budget:.0f} s spent after {i} frames",
-                      file=sys.stderr, flush=True)
-                break
-            for res, path in live:
-                common.trim_heap()
-                if torch is not None:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    alloc0 = torch.cuda.memory_allocated()
-                before = common.rss_bytes()
-                sampler.start()
-                t0 = time.perf_counter()
-                path.infer(f)
-                cuda_sync(device)
-                dt = time.perf_counter() - t0
-                peak = sampler.stop()
-                res["_times"].append(dt)
-                res["_transient"] = max(res["_transient"], peak - before)
-                if torch is not None:
-                    res["_dev_peak"] = max(res["_dev_peak"],
-                                           torch.cuda.max_memory_allocated() - alloc0)
-    finally:
-        sampler.close()
-        for res, path in live:
-            backend = getattr(path, "backend", None)
-            s0, n = res.pop("_stage0", None), len(res["_times"])
-            if backend is not None and s0 is not None and n:
-                # the runtime backend's own split: feature engine vs temporal engine, per frame
-                res["stage_ms"] = {k: 1000 * (backend.timings[k] - s0[k]) / n for k in s0}
-            try:
-                path.close()
-            except Exception:
-                pass
-
+    built, live = measure.build_rows(args.rows, LABELS, src, args.device, frames, args.warmup,
+                                     budget)
+    results.extend(built)
+    measure.time_rows(live, frames[args.warmup:], args.device, budget)
+    measure.finalize(results, args.device)
     for res in results:
-        if "_times" not in res:
-            continue
-        times = res.pop("_times")
-        transient, dev_peak = res.pop("_transient"), res.pop("_dev_peak")
-        if times:
-            res.update(common.timing_stats(times))
-            res["times_ms"] = [round(t * 1000, 3) for t in times]
-        res["peak_host_mb"] = (res["resident_host_bytes"] + transient) / 2 ** 20
-        if device == "cuda":
-            res["peak_device_mb"] = (res["resident_device_bytes"] + dev_peak) / 2 ** 20
-    return results
-
-
-class _Stamped:
-    """A backend proxy that records when each frame's labels are ready (for run_stream)."""
-
-    def __init__(self, backend: Any):
-        self._backend = backend
-        self.stamps: List[float] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend, name)
-
-    def infer(self, frame: np.ndarray) -> np.ndarray:
-        labels = self._backend.infer(frame)
-        self.stamps.append(time.perf_counter())
-        return labels
-
-
-def run_tbn_run(res: Dict[str, Any], results: List[Dict[str, Any]], src: Source, device: str,
-                frames: List[np.ndarray], warmup: int, tmp: str) -> None:
-    """The runtime's stream (tbn-run) on an mp4 written with cv2: decode + infer + PNG write.
-
-    Uses the fastest ort/trt row's backend and export. A warm-up video of `warmup` frames is
-    streamed first; then the timed video. Per-frame time = the interval between consecutive
-    frames' labels (the stream overlaps decode and writes with inference, so this is what
-    one frame costs in the steady state); fps = frames / wall time of the whole stream.
-    """
-    import cv2
-    from tbn_runtime.sources import open_source
-    from tbn_runtime.stream import run_stream
-    cands = [r for r in results if r["row"] in ("ort", "ort-fp16", "trt", "trt-fp32")
-             and r.get("median_ms")]
-    if not cands:
-        res["skipped"] = "no ort/trt row ran, so there is no backend to stream with"
-        return
-    best = min(cands, key=lambda r: r["median_ms"])
-    backend = "trt" if best["row"].startswith("trt") else "ort"
-    precision = "fp32" if best["row"] in ("ort", "trt-fp32") else "fp16"
-    export = (engine_export(src, precision) if backend == "trt"
-              else src.export_dir(precision, device))
-    from tbn_runtime.manifest import load_manifest
-
-    def write_video(path: str, fs: List[np.ndarray]) -> None:
-        h, w = fs[0].shape[:2]
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 15, (w, h))
-        if not writer.isOpened():
-            raise Skip("OpenCV cannot write an mp4v video here")
-        for f in fs:
-            writer.write(f)
-        writer.release()
-
-    try:
-        warm_video, video = os.path.join(tmp, "warmup.mp4"), os.path.join(tmp, "bench.mp4")
-        write_video(warm_video, frames[:max(warmup, 1)])
-        write_video(video, frames[warmup:])
-        path = BackendPath(backend, export, load_manifest(export), device)
-    except Skip as e:
-        res["skipped"] = str(e)
-        return
-    try:
-        stamped = _Stamped(path.backend)
-        run_stream(open_source(warm_video), stamped, os.path.join(tmp, "masks-warmup"),
-                   progress=False)
-        stamped.stamps.clear()
-        common.trim_heap()
-        rss0 = common.rss_bytes()
-        sampler = common.RssSampler()
-        sampler.start()
-        t0 = time.perf_counter()
-        stats = run_stream(open_source(video), stamped, os.path.join(tmp, "masks"),
-                           progress=False)
-        peak = sampler.stop()
-        sampler.close()
-    finally:
-        path.close()
-    stamps = [t0] + stamped.stamps
-    intervals = [b - a for a, b in zip(stamps, stamps[1:])]
-    res.update(common.timing_stats(intervals))
-    res["fps"] = stats["frames"] / stats["wall_s"] if stats.get("wall_s") else res["fps"]
-    res["stream_stats"] = stats
-    res["backend"] = f"{backend} {precision}"
-    res["describe"] = (f"tbn_runtime.stream.run_stream, {backend} {precision}: mp4 decode "
-                       f"thread + infer + PNG writer pool")
-    res["note"] = ("per-frame = interval between consecutive frames' labels; frames/s = "
-                   "frames / stream wall time")
-    res["peak_host_mb"] = max(peak - rss0, 0) / 2 ** 20 + next(
-        (r.get("resident_host_bytes", 0) for r in results if r is best), 0) / 2 ** 20
+        if res["row"] == "tbn-run":
+            measure.run_tbn_run(res, results, src, args.device, frames, args.warmup, tmp,
+                                budget)
+    measure.finalize(results, args.device)
 
 
 # -- outputs -------------------------------------------------------------------------------------
-def add_speedups(results: List[Dict[str, Any]]) -> None:
-    base = next((r for r in results if r.get("median_ms")), None)
-    for r in results:
-        if base is not None and r.get("median_ms"):
-            r["speedup"] = base["median_ms"] / r["median_ms"]
-            r["speedup_vs"] = base["row"]
+def _status(r: Dict[str, Any]) -> Optional[str]:
+    if "failed" in r:
+        return f"FAILED {r['failed']}"
+    if "skipped" in r:
+        return f"not run: {r['skipped']}"
+    return None
 
 
 def table(report: Dict[str, Any]) -> str:
     gpu = report["device"] == "cuda"
     headers = ["path", "median ms", "p90 ms", "p99 ms", "frames/s", "peak host MB"]
     headers += ["peak GPU MB"] if gpu else []
-    headers += ["speed-up", "frames"]
+    headers += ["speed-up", "labels =", "frames"]
     rows = []
     for r in report["rows"]:
-        if "skipped" in r:
-            rows.append([r["label"], "-", "-", "-", "-", "-"] + (["-"] if gpu else [])
-                        + ["-", f"not run: {r['skipped']}"])
+        status = _status(r)
+        if status and not r.get("median_ms"):
+            rows.append([r["label"]] + ["-"] * (len(headers) - 2) + [status])
             continue
+        agree = r.get("agreement")
         rows.append([r["label"], common.fmt(r.get("median_ms")), common.fmt(r.get("p90_ms")),
                      common.fmt(r.get("p99_ms")), common.fmt(r.get("fps"), 2),
                      common.fmt(r.get("peak_host_mb"), 0)]
                     + ([common.fmt(r.get("peak_device_mb"), 0)] if gpu else [])
                     + [f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
-                       str(r.get("frames", "-"))])
+                       common.percent(agree) if agree is not None else "-",
+                       str(r.get("frames", "-")) + (f" ({status})" if status else "")])
     stages = [f"{r['label']}: feature {r['stage_ms']['feature']:.1f} ms + temporal "
               f"{r['stage_ms']['temporal']:.1f} ms" for r in report["rows"] if r.get("stage_ms")]
     cfg = report["config"]
+    base = next((r["label"] for r in report["rows"] if r.get("agreement_vs") == r["row"]), None)
     head = (f"Per-frame latency, {cfg['model']} at {cfg['height']}x{cfg['width']} on "
             f"{report['device']}, {cfg['frames']} frames after {cfg['warmup']} warm-up, "
             f"interleaved ({'random weights' if cfg['random_weights'] else 'trained weights'})\n"
             f"Machine: {common.machine_line(report['machine'])}")
-    tail = ("\n\nMean engine time per frame (the backend's own split):\n" +
-            "\n".join(f"- {x}" for x in stages)) if stages else ""
-    return head + "\n\n" + common.markdown_table(headers, rows) + tail
+    notes = []
+    if base:
+        notes.append(f"\"labels =\": share of pixels whose label equals {base}'s on the same "
+                     f"frame")
+    if stages:
+        notes.append("Mean engine time per frame (the backend's own split):\n" +
+                     "\n".join(f"- {x}" for x in stages))
+    if report.get("stopped"):
+        notes.append(f"Stopped early: {report['stopped']}")
+    return head + "\n\n" + common.markdown_table(headers, rows) + "".join(
+        "\n\n" + n for n in notes)
 
 
 def plot(path: str, report: Dict[str, Any]) -> None:
@@ -327,9 +203,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="latency.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[1:]))
-    p.add_argument("--export", help="tbn-export output dir(s), comma-separated (fp32 and/or fp16)")
-    p.add_argument("--model", default="tbn_swin_t", help="registry name for random weights "
-                                                         "(default: %(default)s)")
+    p.add_argument("--export", help="tbn-export output dir(s), comma-separated, one per "
+                                    "precision (default: the exports under runs/tbn)")
+    p.add_argument("--model", help="registry name for random weights (default where there is "
+                                   "no export: tbn_swin_t)")
     p.add_argument("--size", default="480x480", help="HEIGHTxWIDTH with --model "
                                                      "(default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -339,8 +216,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--only", help=f"comma-separated rows among {', '.join(ROWS)}")
     p.add_argument("--skip", help="comma-separated rows to leave out")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--time-budget", type=float, help="stop timing after this many seconds "
-                                                     "(the frames done so far are reported)")
+    p.add_argument("--time-budget", type=float,
+                   help="seconds for the whole run, exports and engine builds included; rows "
+                        "not built by then are skipped, timing stops (what was measured is "
+                        "reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ort-spinning", action="store_true",
                    help="leave ONNX Runtime's spin-waiting threads on (off by default: they "
@@ -355,6 +234,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         p.error(str(e))
     if a.frames < 1 or a.warmup < 0:
         p.error("--frames must be >= 1 and --warmup >= 0")
+    if a.export and a.model:
+        p.error("--export and --model exclude each other")
     rows = list(ROWS)
     if a.only:
         rows = [r.strip() for r in a.only.split(",") if r.strip()]
@@ -380,47 +261,66 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not torch.cuda.is_available():
             print("latency.py: --device cuda but torch sees no CUDA device", file=sys.stderr)
             return 2
+    if not args.export and not args.model:
+        args.export = default_exports()
+        if args.export:
+            print(f"latency: the exports under runs/tbn: {args.export} (--export or --model "
+                  f"to choose)", file=sys.stderr)
+        else:
+            args.model = "tbn_swin_t"
+            print(f"latency: no export under runs/tbn; timing a random-weight {args.model} at "
+                  f"{args.size[0]}x{args.size[1]} (--export or --model to choose)",
+                  file=sys.stderr)
+    from paths import BackendPath
     BackendPath.ort_no_spin = not args.ort_spinning
-    tmp = tempfile.mkdtemp(prefix="tbn-latency-")
+    budget = measure.Budget(args.time_budget)
+    sweep_killed_runs()
+    tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    t_start = time.time()
+    load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results: List[Dict[str, Any]] = []
+    sources: List[Any] = []
+    stopped = None
     try:
-        t_start = time.time()
-        load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
-        src = make_source(args, tmp)
-        frames = synth_frames(src.height, src.width, args.warmup + args.frames, args.seed)
-        results = run_rows([r for r in args.rows], src, args.device, frames, args.warmup,
-                           args.time_budget)
-        for res in results:
-            if res["row"] == "tbn-run":
-                run_tbn_run(res, results, src, args.device, frames, args.warmup, tmp)
-        add_speedups(results)
+        try:
+            run(args, tmp, budget, results, sources)
+        except (Stopped, KeyboardInterrupt) as e:
+            stopped = "SIGTERM" if isinstance(e, Stopped) else "Ctrl-C"
+            measure.finalize(results, args.device)
+        src = sources[0] if sources else None
         report = {
             "benchmark": "latency",
             "device": args.device,
-            "config": {"model": src.model_name, "height": src.height, "width": src.width,
+            "config": {"model": src.model_name if src else args.model,
+                       "height": src.height if src else args.size[0],
+                       "width": src.width if src else args.size[1],
                        "frames": args.frames, "warmup": args.warmup, "seed": args.seed,
-                       "random_weights": src.random_weights,
+                       "random_weights": src.random_weights if src else args.export is None,
                        "exports": {k: (None if v.startswith(tmp) else v)
-                                   for k, v in src.exports.items()},
-                       "export_seconds": src.export_seconds, "schedule": "interleaved",
-                       "ort_spinning": bool(args.ort_spinning),
-                       "rows": args.rows},
+                                   for k, v in (src.exports.items() if src else [])},
+                       "export_seconds": src.export_seconds if src else {},
+                       "schedule": "interleaved", "ort_spinning": bool(args.ort_spinning),
+                       "time_budget": args.time_budget, "rows": args.rows},
             "machine": common.machine_info(),
             "load_average": {"start": load0, "end": os.getloadavg() if load0 else None},
             "seconds": time.time() - t_start,
             "command": " ".join(["python", "benchmarks/latency.py"] + list(
                 argv if argv is not None else sys.argv[1:])),
+            "stopped": stopped,
             "rows": results,
         }
         print(table(report))
         if args.json:
             common.write_json(args.json, report)
-        if args.plot:
+        if args.plot and any(r.get("median_ms") for r in results):
             plot(args.plot, report)
-        return 0
+        return 130 if stopped else 0
     except BenchError as e:
         print(f"latency.py: {e}", file=sys.stderr)
         return 2
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if args.keep_tmp:
             print(f"latency: temporary files kept in {tmp}", file=sys.stderr)
         else:

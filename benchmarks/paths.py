@@ -126,55 +126,27 @@ def torch_manifest(model: Any, height: int, width: int, checkpoint: str,
 
 # -- the rows ----------------------------------------------------------------------------------
 class NaivePath:
-    """model(clip) per frame: the backbone over all 4 frames of the clip (the naive pipeline).
+    """model(clip) per frame: the backbone over all 4 frames of the clip (the naive pipeline),
+    through the clip-inference reference (tbn_train.reference.ClipReference)."""
 
-    Frames are normalised once each (kept for max(offsets) + 1 frames) exactly as the torch
-    backend does it; only the backbone work differs from the ring.
-    """
-
-    def __init__(self, checkpoint: str, device: str, fp16: bool, height: int, width: int):
-        import torch
-        from tbn_runtime.preprocess import MEAN_RGB, STD_RGB
+    def __init__(self, checkpoint: str, device: str, fp16: bool):
         from tbn_train.checkpoint import load_model
-        self.torch = torch
-        self.dev = torch.device(device)
-        model, _ = load_model(checkpoint)
-        self.model = model.to(self.dev).eval()
-        self.offsets = tuple(self.model.temporal_offsets)
-        self.fp16 = fp16
-        self.size = (height, width)
-        self.mean = torch.tensor(MEAN_RGB, device=self.dev).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD_RGB, device=self.dev).view(1, 3, 1, 1)
-        self.frames: Dict[int, Any] = {}
-        self.t = -1
+        from tbn_train.reference import ClipReference
+        self.ref = ClipReference(load_model(checkpoint)[0], device, fp16)
 
     def describe(self) -> str:
-        amp = ", fp16 autocast" if self.fp16 else ""
-        return f"torch {self.torch.__version__} on {self.dev} (eager{amp}, model(clip))"
+        import torch
+        amp = ", fp16 autocast" if self.ref.fp16 else ""
+        return f"torch {torch.__version__} on {self.ref.device} (eager{amp}, model(clip))"
 
     def reset(self) -> None:
-        self.frames.clear()
-        self.t = -1
+        self.ref.reset()
 
     def infer(self, frame: np.ndarray) -> np.ndarray:
-        from tbn_runtime.temporal import clip_indices
-        torch = self.torch
-        self.t += 1
-        with torch.inference_mode():
-            x = torch.from_numpy(frame)[None].to(self.dev)
-            x = (x.flip(-1).permute(0, 3, 1, 2).float() - self.mean) / self.std
-            self.frames[self.t] = x
-            keep = max(self.offsets, default=0)
-            self.frames.pop(self.t - keep - 1, None)
-            idx = clip_indices(self.t, self.offsets) if self.offsets else [self.t]
-            clip = torch.stack([self.frames[i][0] for i in idx])[None]
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
-                logits = self.model(clip)
-            return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
+        return self.ref.labels(frame)
 
     def close(self) -> None:
-        self.model = None
-        self.frames.clear()
+        self.ref = None
 
 
 class BackendPath:
@@ -220,9 +192,19 @@ def cuda_sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_path(row: str, src: Source, device: str) -> Any:
-    """The object that runs one row; Skip if it cannot run here."""
-    fp16 = row.endswith("-fp16") or row == "trt"
+def row_precision(row: str) -> str:
+    """The export precision a row runs: its suffix (ort-fp16, trt-fp32, ...); trt alone is fp16,
+    the others fp32."""
+    suffix = row.rsplit("-", 1)[-1]
+    if suffix in ("fp32", "fp16", "int8"):
+        return suffix
+    return "fp16" if row == "trt" else "fp32"
+
+
+def build_path(row: str, src: Source, device: str, time_left: Optional[float] = None) -> Any:
+    """The object that runs one row; Skip if it cannot run here. time_left bounds the TensorRT
+    engine builds (seconds; None: no bound)."""
+    fp16 = row_precision(row) == "fp16"
     if row in ("naive-fp16", "ring-fp16") and device != "cuda":
         raise Skip("fp16 autocast rows are for --device cuda")
     if row.startswith("naive") or row.startswith("ring"):
@@ -235,7 +217,7 @@ def build_path(row: str, src: Source, device: str) -> Any:
         if not src.checkpoint:
             raise Skip("the export's manifest names no checkpoint that exists here")
     if row.startswith("naive"):
-        return NaivePath(src.checkpoint, device, fp16, src.height, src.width)
+        return NaivePath(src.checkpoint, device, fp16)
     if row.startswith("ring"):
         ckpt = {"path": os.path.abspath(src.checkpoint),
                 "sha256": (src.manifest.checkpoint or {}).get("sha256")}
@@ -259,14 +241,15 @@ def build_path(row: str, src: Source, device: str) -> Any:
             raise Skip(f"tensorrt does not import ({e.__class__.__name__}: {e})") from None
         if device != "cuda":
             raise Skip("TensorRT runs on a GPU only (--device cuda)")
-        d = engine_export(src, "fp16" if fp16 else "fp32")
+        d = engine_export(src, row_precision(row), time_left)
         from tbn_runtime.manifest import load_manifest
         return BackendPath("trt", d, load_manifest(d), device)
     raise BenchError(f"unknown row {row}")
 
 
-def engine_export(src: Source, precision: str) -> str:
-    """An export dir with TensorRT engines of `precision` (built by tbn-export on the fly)."""
+def engine_export(src: Source, precision: str, time_left: Optional[float] = None) -> str:
+    """An export dir with TensorRT engines of `precision` (built by tbn-export on the fly, in at
+    most time_left seconds)."""
     from tbn_runtime.manifest import load_manifest
     d = src.exports.get(precision)
     if d and "feature.engine" in load_manifest(d).files:
@@ -281,7 +264,12 @@ def engine_export(src: Source, precision: str) -> str:
     print(f"latency: building TensorRT {precision} engines: {' '.join(cmd)}", file=sys.stderr,
           flush=True)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True,
+                           timeout=None if time_left is None else max(time_left, 1))
+    except subprocess.TimeoutExpired:
+        raise Skip(f"building the {precision} engines did not finish within the time "
+                   f"budget") from None
     src.export_seconds[f"trt-{precision}"] = time.perf_counter() - t0
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]

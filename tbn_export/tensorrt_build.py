@@ -17,6 +17,7 @@ and a GPU is present.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
@@ -27,6 +28,9 @@ from tbn_runtime.manifest import Manifest, load_manifest
 TIMING_CACHE = "timing.cache"
 ENGINES = (("feature.onnx", "feature.engine"), ("temporal.onnx", "temporal.engine"))
 LOG_LEVELS = ("verbose", "info", "warning", "error", "internal_error")
+
+
+log = logging.getLogger("tbn_export")
 
 
 class EngineBuildError(RuntimeError):
@@ -42,29 +46,17 @@ def tensorrt_available() -> Tuple[bool, str]:
     return True, trt.__version__
 
 
-def gpu_info() -> Dict[str, Optional[str]]:
-    """{"gpu": name, "compute_capability": "9.0"} of device 0 via cuda-python, else torch.cuda."""
-    try:
-        from cuda.bindings import runtime as cudart
+def gpu_info() -> Dict[str, str]:
+    """{"gpu": name, "compute_capability": "9.0"} of CUDA device 0 (cuda-python, which the
+    TensorRT extras install); EngineBuildError saying why when there is no usable GPU."""
+    from tbn_runtime.backends.base import BackendError
+    from tbn_runtime.cuda import gpu_info as cuda_gpu_info
 
-        err, props = cudart.cudaGetDeviceProperties(0)
-        if int(err) == 0:  # cudaSuccess
-            name = props.name
-            name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
-            return {"gpu": name.rstrip("\x00").strip(),
-                    "compute_capability": f"{props.major}.{props.minor}"}
-    except Exception:
-        pass
     try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return {"gpu": torch.cuda.get_device_name(0),
-                    "compute_capability": f"{major}.{minor}"}
-    except Exception:
-        pass
-    return {"gpu": None, "compute_capability": None}
+        name, cc = cuda_gpu_info(0)
+    except BackendError as e:
+        raise EngineBuildError(f"no usable GPU to build TensorRT engines for: {e}") from e
+    return {"gpu": name, "compute_capability": cc}
 
 
 def _make_logger(trt, level: str):
@@ -76,6 +68,9 @@ def _make_logger(trt, level: str):
     if level not in severities:
         raise ValueError(f"TensorRT log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
     threshold = severities[level]
+    as_logging = {int(trt.Logger.INTERNAL_ERROR): logging.CRITICAL,
+                  int(trt.Logger.ERROR): logging.ERROR, int(trt.Logger.WARNING): logging.WARNING,
+                  int(trt.Logger.INFO): logging.INFO, int(trt.Logger.VERBOSE): logging.DEBUG}
 
     class CapturingLogger(trt.ILogger):
         def __init__(self):
@@ -86,7 +81,7 @@ def _make_logger(trt, level: str):
             if int(severity) <= int(trt.Logger.ERROR):
                 self.errors.append(str(msg))
             if int(severity) <= int(threshold):
-                print(f"[TensorRT] {msg}", flush=True)
+                log.log(as_logging.get(int(severity), logging.INFO), "[TensorRT] %s", msg)
 
     return CapturingLogger()
 
@@ -122,6 +117,29 @@ def _failing_layer(messages: List[str]) -> str:
     return "unknown"
 
 
+def _use_timing_cache(config: Any, path: str) -> None:
+    """Give the builder the timing cache at `path`, or a fresh one.
+
+    create_timing_cache returns None for bytes it cannot parse (a truncated file, another
+    TensorRT's format); set_timing_cache with ignore_mismatch=False returns False for a cache of
+    another GPU or TensorRT version. Either way the build starts from an empty cache, which is
+    then written back over the unusable one.
+    """
+    cache_bytes = b""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            cache_bytes = f.read()
+    cache = config.create_timing_cache(cache_bytes) if cache_bytes else None
+    if cache is not None and config.set_timing_cache(cache, False):
+        return
+    if cache_bytes:
+        log.warning("timing cache %s is not usable by this TensorRT/GPU; starting a new one",
+                    path)
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, False):
+        raise EngineBuildError("TensorRT could not create an empty timing cache")
+
+
 def build_engine(onnx_path: str, engine_path: str, timing_cache_path: str,
                  workspace_gb: float = 4.0, log_level: str = "warning") -> Dict[str, Any]:
     """Parse onnx_path into a strongly typed network and write the serialized engine.
@@ -142,16 +160,10 @@ def build_engine(onnx_path: str, engine_path: str, timing_cache_path: str,
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    cache_bytes = b""
-    if os.path.isfile(timing_cache_path):
-        with open(timing_cache_path, "rb") as f:
-            cache_bytes = f.read()
-    cache = config.create_timing_cache(cache_bytes)
-    # ignore_mismatch=False: a cache from another GPU or TensorRT version is not used.
-    if not config.set_timing_cache(cache, False):
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, False)
-
+    _use_timing_cache(config, timing_cache_path)
+    # Errors logged so far are the cache's (a cache of another TensorRT or GPU, which is then
+    # not used): forget them, so that a failed build names its own failing layer.
+    logger.errors.clear()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         layer = _failing_layer(logger.errors)

@@ -21,7 +21,8 @@ import numpy as np
 
 from tbn_runtime.manifest import Manifest, load_manifest
 from tbn_runtime.preprocess import normalize_bgr
-from tbn_runtime.temporal import FeatureRing, clip_indices
+from tbn_runtime.temporal import FeatureRing
+from tbn_train.data.synth import synthetic_frames  # noqa: F401  (--verify's default frames)
 
 #: minimum share of pixels whose labels must agree with PyTorch, per export precision.
 LABEL_AGREEMENT = {"fp32": 0.999, "fp16": 0.995}
@@ -66,35 +67,6 @@ class VerifyResult:
 
 
 # -- frames ------------------------------------------------------------------------------------
-def synthetic_frames(n: int, height: int, width: int, seed: int = 0) -> List[np.ndarray]:
-    """n uint8 BGR frames of smooth moving shapes over a gradient, with mild noise (seeded).
-
-    Consecutive frames differ (shapes move) so the past-frame rule matters, and regions are
-    large and smooth like a real scene rather than pixel noise.
-    """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([255 * xx / max(width - 1, 1), 255 * yy / max(height - 1, 1),
-                     np.full_like(xx, 128.0)], axis=-1)
-    shapes = []
-    for _ in range(4):
-        shapes.append(dict(
-            cy=rng.uniform(0, height), cx=rng.uniform(0, width),
-            vy=rng.uniform(-0.06, 0.06) * height, vx=rng.uniform(-0.06, 0.06) * width,
-            r=rng.uniform(0.12, 0.3) * min(height, width),
-            color=rng.uniform(0, 255, size=3).astype(np.float32)))
-    frames = []
-    for t in range(n):
-        img = base.copy()
-        for s in shapes:
-            cy, cx = s["cy"] + t * s["vy"], s["cx"] + t * s["vx"]
-            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < s["r"] ** 2
-            img[mask] = s["color"]
-        img += rng.normal(0, 4, size=img.shape).astype(np.float32)
-        frames.append(np.clip(img, 0, 255).astype(np.uint8))
-    return frames
-
-
 def video_frames(path: str, n: int, height: int, width: int) -> List[np.ndarray]:
     """The first n frames of a video file, resized to the export size (BGR uint8)."""
     import cv2
@@ -165,20 +137,18 @@ def onnx_chain(export_dir: str, frames: Sequence[np.ndarray],
 
 
 def torch_chain(model, frames: Sequence[np.ndarray]) -> Tuple[List[np.ndarray], List[np.ndarray]]:
-    """(features, labels) per frame from PyTorch: model.forward on the clip of each frame."""
+    """(features, labels) per frame from PyTorch: model.forward on the clip of each frame (the
+    clip-inference reference), and model.frame_features of the frame."""
     import torch
 
-    offsets = tuple(getattr(model, "temporal_offsets", ()))
-    model = model.eval()
-    normed = [torch.from_numpy(normalize_bgr(f)) for f in frames]
+    from tbn_train.reference import ClipReference
+
+    ref = ClipReference(model)
     features, labels = [], []
     with torch.no_grad():
-        for t in range(len(frames)):
-            idx = clip_indices(t, offsets) if offsets else [t]
-            clip = torch.stack([normed[i] for i in idx])[None]
-            logits = model(clip)
-            labels.append(logits.argmax(1)[0].to(torch.uint8).numpy())
-            features.append(model.frame_features(normed[t][None])[0].float().numpy())
+        for frame in frames:
+            labels.append(ref.labels(frame))
+            features.append(model.frame_features(ref.normalized[-1])[0].float().numpy())
     return features, labels
 
 

@@ -1,113 +1,188 @@
 """tbn-run: stream a video, a folder, a camera or a URL through an exported TBN-ViT.
 
-    tbn-run SOURCE --out masks/ [--model runs/tbn/export] [--backend auto|trt|ort|torch]
-            [--device cpu|cuda] [--overlay F.mp4] [--stats F.json] [--overwrite] [--resume]
-            [--max-frames N]
+    tbn-run SOURCE --out DIR [--model EXPORT] [--backend auto|trt|ort|torch] [--device cpu|cuda]
+            [--format png|npy|coco-rle] [--overlay F.mp4] [--stats F.json]
+            [--overwrite | --resume] [--max-frames N] [-v | -q] [--no-progress]
 
-Also `python -m tbn_runtime ...`. Every user mistake ends with one `tbn-run: error: ...` line
-and a non-zero exit code, never a traceback.
+Also `python -m tbn_runtime ...`. The command is tbn_runtime.Segmenter plus
+tbn_runtime.stream.run_stream; what it adds is the care a command owes its user: a lock on
+--out (a second run into it is refused, naming the holder), every destination checked before
+the first frame, temporaries of killed runs swept, SIGTERM and Ctrl-C stopping cleanly with
+every written mask complete, and each mistake reported as one `tbn-run: error: ...` line with a
+non-zero exit code (2), never a traceback. Only argparse is imported before --help is answered.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import os
+import signal
 import sys
+import threading
 from typing import List, Optional
 
-# OpenCV and FFmpeg print their own warnings for a missing camera or a broken file; tbn-run
-# says it in one line instead (set these variables yourself to see them).
-os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-
-from .backends import BACKENDS, BackendError, select_backend
-from .files import atomic_write
-from .manifest import ManifestError, load_manifest
-from .sources import SourceError, open_source
-from .stream import StreamError, has_masks, run_stream, summary_line
-
 PROG = "tbn-run"
+log = logging.getLogger("tbn_runtime")
+
+
+class Stopped(BaseException):
+    """SIGTERM (kill, timeout, Slurm, Kubernetes): stop like Ctrl-C."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Video scene parsing with an exported TBN-ViT: writes one palette PNG of "
-                    "VSPW train ids per frame to OUT/<video>/<frame>.png.",
+        prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Video scene parsing with an exported TBN-ViT: one label (VSPW train id) per "
+                    "pixel of every frame, written to OUT/<video>/<frame>.png (or .npy, or "
+                    "OUT/<video>.json).",
         epilog="SOURCE: a video file; a folder of videos, of VSPW <video>/origin/*.jpg frame "
-               "folders, or of images; a camera index (0); an rtsp:// or http:// URL. "
-               "--resume skips frames whose mask is already complete; the feature engine still "
-               "runs on them, because the frames after need their features.")
-    p.add_argument("source", metavar="SOURCE", help="video, folder, camera index or URL")
-    p.add_argument("--out", required=True, help="output folder for the masks")
-    p.add_argument("--model", default=os.path.join("runs", "tbn", "export"),
-                   help="export directory made by tbn-export (default: runs/tbn/export)")
-    p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
-                   help="auto: trt if engines + TensorRT + GPU, else ort (CUDA, then CPU), "
-                        "else torch")
+               "folders, or of images; a VSPW split list (ROOT/val.txt); a camera index (0); "
+               "an rtsp:// or http:// URL. Frames of video files are named 00000000, 00000001, "
+               "... as VSPW's, so `tbn-eval --pred OUT --data ROOT` scores the masks of a "
+               "dataset's videos.")
+    p.add_argument("source", metavar="SOURCE", help="video, folder, split list, camera or URL")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the labels")
+    p.add_argument("--model", metavar="EXPORT", default=None,
+                   help="export folder made by tbn-export (default: the newest of "
+                        "runs/tbn/export*)")
+    p.add_argument("--backend", default="auto", choices=("auto", "trt", "ort", "torch"),
+                   help="auto: any GPU backend before any CPU one: TensorRT (the export has "
+                        "engines), ONNX Runtime's CUDA provider, PyTorch on CUDA; then ONNX "
+                        "Runtime on the CPU, PyTorch on the CPU")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"),
-                   help="default: the best the backend finds")
-    p.add_argument("--overlay", metavar="FILE.mp4", help="also write a colour-blended video")
-    p.add_argument("--stats", metavar="FILE.json", help="write per-stage timings, fps, peak RSS")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into an output folder that already holds masks")
-    p.add_argument("--resume", action="store_true",
-                   help="keep complete masks already in --out and do the rest")
+                   help="where the backend runs (default: the best one present)")
+    p.add_argument("--format", default="png", choices=("png", "npy", "coco-rle"),
+                   help="png: palette PNG per frame; npy: uint8 array per frame; coco-rle: one "
+                        "COCO JSON per video (RLE masks, category id = train id + 1)")
+    p.add_argument("--overlay", metavar="FILE.mp4",
+                   help="also write the frames blended with their labels and a legend")
+    p.add_argument("--stats", metavar="FILE.json",
+                   help="write per-stage timings, frames/s and peak memory")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true",
+                      help="write into an output folder that already holds labels")
+    mode.add_argument("--resume", action="store_true",
+                      help="keep the complete labels in --out and do the rest (the feature "
+                           "engine still runs on kept frames: the frames after need them)")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames in all")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="more messages")
+    verbosity.add_argument("-q", "--quiet", action="store_true",
+                           help="errors only (and no progress bar)")
     return p
+
+
+def setup_logging(prog: str, verbose: bool = False, quiet: bool = False) -> None:
+    """Messages of the tbn packages as `prog: message` lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
+    for name in ("tbn_runtime", "tbn_export", "tbn_train"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
 
 
 def _fail(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 1
+    return 2
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Create and remove a temporary beside `path`: an unwritable destination fails now."""
+    from .files import temporary_name
+
+    tmp = temporary_name(path)
+    try:
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        with open(tmp, "w"):
+            pass
+        os.remove(tmp)
+    except OSError as e:
+        raise OSError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Stopped()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(PROG, args.verbose, args.quiet)
     if args.max_frames is not None and args.max_frames < 1:
         return _fail("--max-frames must be at least 1")
-    if args.overwrite and args.resume:
-        return _fail("--overwrite and --resume exclude each other")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return _fail(f"--out {args.out} exists and is not a folder")
-    if has_masks(args.out) and not (args.overwrite or args.resume):
-        return _fail(f"{args.out} already holds masks; pass --overwrite to replace them or "
-                     f"--resume to finish an interrupted run")
-    backend = None
-    try:
-        videos = open_source(args.source)
-        manifest = load_manifest(args.model)
-        cls, device, why = select_backend(args.backend, manifest, args.device, args.model)
-        print(f"{PROG}: backend {why}", file=sys.stderr)
-        backend = cls(args.model, manifest, device)
-        stats = run_stream(videos, backend, args.out, overlay_path=args.overlay,
-                           resume=args.resume, max_frames=args.max_frames,
-                           progress=not args.no_progress)
-        stats["source"] = args.source
-        stats["model"] = os.path.abspath(args.model)
-        if args.stats:
-            text = json.dumps(stats, indent=2) + "\n"
 
-            def write(tmp: str) -> None:
-                with open(tmp, "w") as f:
-                    f.write(text)
-            atomic_write(args.stats, write)
-        print(summary_line(stats, args.out))
+    # OpenCV and FFmpeg print their own warnings for a missing camera or a broken file; tbn-run
+    # says it in one line instead (set these variables yourself to see them).
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    from .backends import BackendError
+    from .files import FolderLock, LockError, atomic_write_text, sweep_stale
+    from .manifest import ManifestError
+    from .outputs import has_outputs
+    from .overlay import OverlayError, OverlayVideo
+    from .segmenter import Segmenter
+    from .sources import SourceError, open_source
+    from .stream import StreamError, run_stream, summary_line
+
+    created = not os.path.exists(args.out)
+    lock = FolderLock(args.out, " ".join([PROG] + list(argv if argv is not None else
+                                                      sys.argv[1:])))
+    seg = None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        lock.acquire()
+        for folder in [args.out] + [e.path for e in os.scandir(args.out) if e.is_dir()]:
+            for path in sweep_stale(folder):
+                log.info("removed %s, left by a run that was killed", path)
+        if has_outputs(args.out) and not (args.overwrite or args.resume):
+            raise StreamError(f"{args.out} already holds labels; pass --overwrite to replace "
+                              f"them or --resume to finish an interrupted run")
+        _check_writable(os.path.join(args.out, "x"), "--out")
+        if args.stats:
+            _check_writable(args.stats, "--stats")
+        videos = open_source(args.source)
+        seg = Segmenter(args.model, backend=args.backend, device=args.device)
+        log.info("model %s; backend %s", seg.export, seg.why)
+        overlay = None
+        if args.overlay:
+            sweep_stale(os.path.dirname(os.path.abspath(args.overlay)))
+            overlay = OverlayVideo(args.overlay, seg.classes, seg.palette_bgr[:, ::-1])
+            overlay.check()
+        stats = run_stream(seg, videos, args.out, fmt=args.format, overlay=overlay,
+                           resume=args.resume, max_frames=args.max_frames,
+                           progress=not (args.no_progress or args.quiet))
+        stats["source"] = args.source
+        if args.stats:
+            import json
+            atomic_write_text(args.stats, json.dumps(stats, indent=2) + "\n")
+        print(f"{PROG}: {summary_line(stats, args.out)}")
         return 0
-    except (SourceError, ManifestError, BackendError, StreamError) as e:
+    except (SourceError, ManifestError, BackendError, StreamError, OverlayError,
+            LockError) as e:
         return _fail(str(e))
     except OSError as e:
         return _fail(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}"
                      f"{e.strerror or e}")
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; masks written so far are complete (--resume continues)",
+    except (KeyboardInterrupt, Stopped) as e:
+        what = "stopped (SIGTERM)" if isinstance(e, Stopped) else "interrupted"
+        print(f"{PROG}: {what}; the labels written so far are complete (--resume continues)",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Stopped) else 130
     finally:
-        if backend is not None:
-            backend.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        if seg is not None:
+            seg.close()
+        lock.release()
+        if created and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)  # nothing was written: leave no empty folder behind
 
 
 if __name__ == "__main__":

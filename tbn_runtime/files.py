@@ -1,26 +1,114 @@
-"""File helpers every package uses: atomic writes and content hashes (standard library only)."""
+"""File helpers every package uses (standard library only): atomic writes, temporary names and
+their clean-up after a crash, content hashes, and the lock that keeps two runs out of one folder.
 
+Every output of tbn-vit is written whole or not at all: to a hidden temporary name beside the
+target (`.<name>.tmp-<pid>`), flushed to disk, then renamed over the target. A process killed
+mid-write leaves only such a temporary; `sweep_stale` removes those whose process is gone.
+"""
+
+from __future__ import annotations
+
+import errno
 import hashlib
+import json
 import os
-from typing import Callable
+import re
+import shutil
+import socket
+import sys
+import time
+from typing import Callable, List, Optional
+
+#: hidden temporaries and move-aside backups: .<name>.tmp-<pid>[<ext>] and .<name>.old-<pid>
+_TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:\.[A-Za-z0-9]+)?$")
+
+
+def temporary_name(path: str, suffix: str = "") -> str:
+    """The hidden temporary beside `path` owned by this process (`suffix`: e.g. '.mp4', for
+    writers that choose the format by the extension)."""
+    path = os.path.abspath(os.fspath(path))
+    return os.path.join(os.path.dirname(path),
+                        f".{os.path.basename(path)}.tmp-{os.getpid()}{suffix}")
+
+
+def _fsync(path: str) -> None:
+    """Flush a written file (or a directory entry) to disk; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path), then rename it to path: readers never see half a file.
+    """Call write(tmp_path), flush it to disk, then rename it to path: readers never see half a
+    file, and the previous file survives any failure of `write`.
 
-    The temporary file sits beside the target (same file system, so the rename is atomic) under
-    a hidden name; it is removed if write fails.
+    The temporary sits beside the target (same file system, so the rename is atomic) under a
+    hidden name; it is removed if write fails. Parent folders are created.
     """
     path = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(directory)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a text file atomically (UTF-8)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def process_alive(pid: int) -> bool:
+    """True if a process with this pid exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale(directory: str) -> List[str]:
+    """Remove the temporaries (files or folders) of processes that no longer run from
+    `directory` (not recursive); returns what was removed. Those of live processes (another run
+    writing right now) are left alone."""
+    removed: List[str] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMPORARY.match(entry.name)
+        if not m or int(m.group(1)) == os.getpid() or process_alive(int(m.group(1))):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.remove(entry.path)
+            removed.append(entry.path)
+        except OSError:
+            pass
+    return removed
 
 
 def sha256_file(path: str) -> str:
@@ -30,3 +118,83 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class LockError(RuntimeError):
+    """The folder is in use by another run; the message names the holder."""
+
+
+class FolderLock:
+    """An exclusive lock on an output folder, held while a run writes into it.
+
+    `fcntl.flock` on `<folder>/.tbn.lock`: the kernel releases it when the holder exits, however
+    it exits (SIGKILL included), so a lock left by a dead process is simply taken over. The file
+    also records who holds it (pid, host, command, start time) for the refusal message.
+    Use as a context manager, or acquire()/release().
+    """
+
+    NAME = ".tbn.lock"
+
+    def __init__(self, folder: str, what: str = "") -> None:
+        self.folder = os.path.abspath(folder)
+        self.path = os.path.join(self.folder, self.NAME)
+        self.what = what or " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+        self._fd: Optional[int] = None
+
+    def holder(self) -> str:
+        """Who holds (or last held) the lock, from the lock file."""
+        try:
+            with open(self.path) as f:
+                info = json.load(f)
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"]))
+            return f"pid {info['pid']} on {info['host']} since {started}: {info['command']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        os.makedirs(self.folder, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise LockError(f"{self.folder} is in use by {self.holder()}; wait for it "
+                                    f"to finish or choose another output folder") from None
+                raise
+            try:  # the holder may have released and removed the file between open and flock
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.what,
+                "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            try:
+                os.ftruncate(self._fd, 0)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -73,13 +73,28 @@ def read_label_png(path: PathLike) -> np.ndarray:
     return arr
 
 
-def colorize(ids: np.ndarray) -> np.ndarray:
-    """Map a uint8 H x W label array to an H x W x 3 uint8 BGR image (for OpenCV)."""
+def _bgr_table(palette_bgr: Optional[np.ndarray]) -> np.ndarray:
+    """A 256-entry BGR lookup table: the given colours first, the VSPW palette for the rest."""
+    if palette_bgr is None:
+        return _PALETTE_BGR
+    table = _PALETTE_BGR.copy()
+    colours = np.asarray(palette_bgr, dtype=np.uint8).reshape(-1, 3)[:255]
+    table[:len(colours)] = colours
+    return table
+
+
+def colorize(ids: np.ndarray, palette_bgr: Optional[np.ndarray] = None) -> np.ndarray:
+    """Map a uint8 H x W label array to an H x W x 3 uint8 BGR image (cv2.imshow/imwrite).
+
+    Colours: `palette_bgr` (one BGR row per train id) or VSPW's palette; ignore (255) is white.
+    For RGB (matplotlib, PIL) take `colorize(ids)[..., ::-1]`.
+    """
     ids = _check_ids(ids)
-    return _PALETTE_BGR[ids]
+    return _bgr_table(palette_bgr)[ids]
 
 
-def overlay(frame_bgr: np.ndarray, ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(frame_bgr: np.ndarray, ids: np.ndarray, alpha: float = 0.5,
+            palette_bgr: Optional[np.ndarray] = None) -> np.ndarray:
     """Blend the colourised labels over a BGR frame: (1 - alpha) * frame + alpha * colours.
 
     `frame_bgr` is uint8 H x W x 3, `ids` uint8 H x W of the same size. Pixels labelled
@@ -94,7 +109,7 @@ def overlay(frame_bgr: np.ndarray, ids: np.ndarray, alpha: float = 0.5) -> np.nd
         raise ValueError(f"frame size {frame_bgr.shape[:2]} does not match ids size {ids.shape}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    colors = _PALETTE_BGR[ids].astype(np.float32)
+    colors = _bgr_table(palette_bgr)[ids].astype(np.float32)
     out = frame_bgr.astype(np.float32) * (1.0 - alpha) + colors * alpha
     out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     keep = ids == IGNORE_INDEX

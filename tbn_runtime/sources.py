@@ -1,8 +1,13 @@
-"""Frame sources: a video file, a folder (of videos, VSPW frame folders or images), a camera
-index, or a stream URL. Each source yields videos; each video yields (frame_name, frame_bgr).
+"""Frame sources: a video file, a folder (of videos, VSPW frame folders or images), a VSPW
+split list (ROOT/val.txt), a camera index, or a stream URL. Each source yields videos; each
+video yields (frame_name, frame_bgr).
 
     for video in open_source("clip.mp4"):
         for name, frame in video.frames(): ...
+
+Frames of a video file or stream are named by their index with 8 digits (00000000, 00000001,
+...), as VSPW and tbn-synth name theirs, so masks written for a dataset's videos line up with
+its frames; image folders keep their files' names.
 
 `Video.frames()` raises SourceError if the video turns out to be empty, or breaks off before
 the frame count its container announces (truncated); frames already yielded stay valid.
@@ -57,16 +62,21 @@ def _capture(origin, what: str) -> "cv2.VideoCapture":
     return cap
 
 
-def _capture_frames(cap: "cv2.VideoCapture", origin: str, count: Optional[int],
-                    named: bool = True) -> Iterator[Tuple[str, np.ndarray]]:
-    """Frames of an open capture named %06d; checks emptiness and truncation."""
+def frame_name(index: int) -> str:
+    """The name of frame `index` of a video file or stream: 8 digits, as VSPW's frames."""
+    return f"{index:08d}"
+
+
+def _capture_frames(cap: "cv2.VideoCapture", origin: str,
+                    count: Optional[int]) -> Iterator[Tuple[str, np.ndarray]]:
+    """Frames of an open capture, named by frame_name; checks emptiness and truncation."""
     n = 0
     try:
         while True:
             ok, frame = cap.read()
             if not ok or frame is None:
                 break
-            yield f"{n:06d}", frame
+            yield frame_name(n), frame
             n += 1
     finally:
         cap.release()
@@ -141,6 +151,27 @@ def _stream(origin, name: str, kind: str, what: str) -> Video:
                  lambda: _capture_frames(cap, str(origin), None))
 
 
+def _split_list(path: str) -> List[Video]:
+    """The videos a VSPW split file (ROOT/val.txt: one video folder name per line) lists."""
+    root = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path) as f:
+            names = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: cannot read the split list ({e})") from e
+    videos = []
+    for name in names:
+        folder = os.path.join(root, "data", name, "origin")
+        v = _image_folder(folder, name) if os.path.isdir(folder) else None
+        if v is None:
+            raise SourceError(f"{path} lists '{name}' but {folder} holds no frames; a split "
+                              f"list names video folders of ROOT/data/<video>/origin/")
+        videos.append(v)
+    if not videos:
+        raise SourceError(f"{path}: the split list names no videos")
+    return videos
+
+
 def open_source(source: str) -> List[Video]:
     """The videos of a source; raises SourceError with one line when it cannot be used."""
     source = str(source)
@@ -163,6 +194,8 @@ def open_source(source: str) -> List[Video]:
             raise SourceError(f"{source}: the folder holds no videos, VSPW <video>/origin/ "
                               f"frame folders or images")
         return videos
+    if source.lower().endswith(".txt"):
+        return _split_list(source)
     if source.lower().endswith(IMAGE_EXTS):
         v = Video(os.path.splitext(os.path.basename(source))[0], "frames", source, 25.0, 1,
                   lambda: _image_frames([source]))

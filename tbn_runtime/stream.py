@@ -1,31 +1,33 @@
-"""The streaming pipeline: decoder thread -> main thread (resize, engines, resize back) ->
-writer pool (mask PNGs, overlay video).
+"""The stream driver: a Segmenter's results written to disk while the next frames are decoded
+and segmented. Decoder thread -> main thread (Segmenter: resize, engines, resize back) ->
+writer pool (mask files) and an ordered writer (the overlay video).
 
-    stats = run_stream(open_source("clip.mp4"), backend, "masks/")
+    with Segmenter("runs/tbn/export") as seg:
+        stats = run_stream(seg, "clip.mp4", "masks/")
 
 Every hand-over is bounded (the decode queue, the number of writes in flight), so memory stays
-flat on endless streams. Masks go to `<out>/<video>/<frame>.png`, each written atomically;
-an optional overlay video is written under a temporary name and renamed when complete.
+flat on endless streams. Masks go to OUT/<video>/<frame>.png (or .npy, or OUT/<video>.json of
+COCO RLE; see tbn_runtime.outputs), each written atomically; the overlay video is written under
+a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-import cv2
-import numpy as np
+from .outputs import MaskOutput
+from .overlay import OverlayError, OverlayVideo
+from .segmenter import Segmenter
+from .sources import SourceError, Video, open_source
 
-from .backends.base import Backend
-from .masks import overlay as blend
-from .masks import read_label_png, write_mask_png
-from .sources import DONE, END, ERROR, FRAME, VIDEO, ReadAhead, SourceError, Video
-
+log = logging.getLogger("tbn_runtime")
 STAGES = ("decode", "preprocess", "feature", "temporal", "postprocess", "write")
 
 
@@ -36,7 +38,7 @@ class StreamError(RuntimeError):
 class Writers:
     """Background writes with a bounded number in flight.
 
-    `pool` writes mask PNGs in parallel; `ordered` (one thread) appends overlay frames in order.
+    `pool` writes mask files in parallel; `ordered` (one thread) appends overlay frames in order.
     `submit` blocks while `max_pending` writes are queued, so a slow disk slows the stream
     instead of filling memory. The first error of any write is raised by `check()`.
     """
@@ -45,7 +47,7 @@ class Writers:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tbn-write")
         self.ordered = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tbn-overlay")
         self._slots = threading.BoundedSemaphore(max_pending)
-        self._lock = threading.Lock()
+        self._idle = threading.Condition()
         self.pending = 0
         self.max_pending_seen = 0
         self.seconds = 0.0
@@ -54,7 +56,7 @@ class Writers:
     def submit(self, fn: Callable[..., Any], *args: Any, ordered: bool = False) -> None:
         self.check()
         self._slots.acquire()
-        with self._lock:
+        with self._idle:
             self.pending += 1
             self.max_pending_seen = max(self.max_pending_seen, self.pending)
 
@@ -63,16 +65,22 @@ class Writers:
             try:
                 fn(*args)
             except BaseException as e:  # reported on the main thread by check()
-                with self._lock:
+                with self._idle:
                     if self.error is None:
                         self.error = e
             finally:
-                with self._lock:
+                with self._idle:
                     self.pending -= 1
                     self.seconds += time.perf_counter() - t0
+                    self._idle.notify_all()
                 self._slots.release()
-        fut: Future = (self.ordered if ordered else self.pool).submit(task)
-        del fut
+        (self.ordered if ordered else self.pool).submit(task)
+
+    def drain(self) -> None:
+        """Wait until every submitted write has finished, then raise the first error."""
+        with self._idle:
+            self._idle.wait_for(lambda: self.pending == 0)
+        self.check()
 
     def check(self) -> None:
         if self.error is not None:
@@ -84,71 +92,6 @@ class Writers:
         self.pool.shutdown(wait=True)
         self.ordered.shutdown(wait=True)
         self.check()
-
-
-class OverlayVideo:
-    """A colour-blended video of every frame, written to a temporary name and renamed at the end.
-
-    All videos of a source go into one file at the first video's size and frame rate."""
-
-    def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(path)
-        stem, ext = os.path.splitext(os.path.basename(self.path))
-        if ext.lower() not in (".mp4", ".avi", ".mkv", ".mov"):
-            raise StreamError(f"--overlay {path}: use a .mp4, .avi, .mkv or .mov file name")
-        self.fourcc = "MJPG" if ext.lower() == ".avi" else "mp4v"
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, exist_ok=True)
-        self.tmp = os.path.join(directory, f".{stem}.tmp-{os.getpid()}{ext}")
-        self.writer: Optional[cv2.VideoWriter] = None
-        self.size: Optional[Tuple[int, int]] = None
-        self.frames = 0
-
-    def add(self, frame: np.ndarray, labels: np.ndarray, fps: float) -> None:
-        """Blend and append one frame (runs on the ordered writer thread)."""
-        img = blend(frame, labels)
-        if self.writer is None:
-            self.size = (img.shape[1], img.shape[0])
-            self.writer = cv2.VideoWriter(self.tmp, cv2.VideoWriter_fourcc(*self.fourcc),
-                                          fps, self.size)
-            if not self.writer.isOpened():
-                raise StreamError(f"cannot write the overlay video {self.path} (codec "
-                                  f"{self.fourcc} unavailable in this OpenCV)")
-        if (img.shape[1], img.shape[0]) != self.size:
-            img = cv2.resize(img, self.size, interpolation=cv2.INTER_LINEAR)
-        self.writer.write(img)
-        self.frames += 1
-
-    def finish(self, ok: bool) -> None:
-        if self.writer is not None:
-            self.writer.release()
-        if ok and self.frames:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
-
-
-def mask_is_complete(path: str, shape: Tuple[int, int]) -> bool:
-    """True if path is a label PNG that decodes whole at the expected size."""
-    if not os.path.isfile(path):
-        return False
-    try:
-        return read_label_png(path).shape == tuple(shape)
-    except (ValueError, OSError):
-        return False
-
-
-def has_masks(out_dir: str) -> bool:
-    """True if out_dir already holds mask PNGs (directly or one video folder deep)."""
-    if not os.path.isdir(out_dir):
-        return False
-    for entry in os.scandir(out_dir):
-        if entry.is_file() and entry.name.endswith(".png"):
-            return True
-        if entry.is_dir():
-            if any(f.endswith(".png") for f in os.listdir(entry.path)):
-                return True
-    return False
 
 
 def peak_rss_mb() -> float:
@@ -167,136 +110,144 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
-def run_stream(videos: List[Video], backend: Backend, out_dir: str, *,
-               overlay_path: Optional[str] = None, resume: bool = False,
-               max_frames: Optional[int] = None, progress: bool = True,
+def run_stream(seg: Segmenter, source: Union[str, Sequence[Video]], out_dir: str, *,
+               fmt: str = "png", overlay: Optional[Union[str, OverlayVideo]] = None,
+               resume: bool = False, max_frames: Optional[int] = None, progress: bool = True,
                queue_depth: int = 8, write_workers: int = 2,
                max_pending_writes: int = 16) -> Dict[str, Any]:
-    """Stream the videos through the backend; returns the stats (see `--stats`).
+    """Segment every frame of `source` and write its labels under out_dir; returns the stats.
 
-    With `resume`, frames whose mask is already complete are not classified again: the feature
-    engine still runs on them (the ring needs their features for the frames after), the
-    temporal engine and the write are skipped. Raises SourceError when a video cannot be read
-    (after writing every mask before the failure) and StreamError for unwritable outputs.
+    fmt: "png", "npy" or "coco-rle" (tbn_runtime.outputs). overlay: a video file name (or an
+    OverlayVideo) for the colour-blended frames with a legend. resume: frames whose labels are
+    already complete are not classified again (the feature engine still runs on them: the ring
+    needs their features for the frames after; with coco-rle whole complete videos are skipped).
+    Raises SourceError when a video cannot be read (after writing every mask before the failure)
+    and StreamError for outputs that cannot be written.
     """
     from tqdm import tqdm
 
-    h, w = backend.height, backend.width
-    times = dict.fromkeys(STAGES, 0.0)
-    counts = {"videos": 0, "frames": 0, "inferred": 0, "resumed": 0}
+    videos = open_source(source) if isinstance(source, (str, os.PathLike)) else list(source)
+    out = MaskOutput(out_dir, fmt, seg.classes)
+    skipped_videos: List[str] = []
+    if fmt == "coco-rle":
+        endless = [v.name for v in videos if v.kind in ("camera", "url")]
+        if endless:
+            raise StreamError(f"--format coco-rle writes one JSON per video when the video ends; "
+                              f"{endless[0]} is a live stream: use --format png or npy")
+        if resume:
+            skipped_videos = [v.name for v in videos if out.video_complete(v.name)]
+            videos = [v for v in videos if v.name not in skipped_videos]
+    if isinstance(overlay, str):
+        overlay = OverlayVideo(overlay, seg.classes, seg.palette_bgr[:, ::-1])
     writers = Writers(write_workers, max_pending_writes)
-    ovl = OverlayVideo(overlay_path) if overlay_path else None
-    reader = ReadAhead(videos, depth=queue_depth, max_frames=max_frames)
     total = sum(v.count or 0 for v in videos) if all(v.count for v in videos) else None
     if total is not None and max_frames is not None:
         total = min(total, max_frames)
     bar = tqdm(total=total, unit="frame", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1)
-    max_queue = 0
-    video: Optional[Video] = None
-    vdir = out_dir
-    feature0, temporal0 = backend.timings["feature"], backend.timings["temporal"]
+
+    def skip(video: str, name: str, frame: Any) -> bool:
+        return resume and out.frame_complete(video, name, frame.shape[:2])
+
+    timings0 = dict(seg.timings)
+    engine0 = dict(seg.backend.timings)
+    frames0 = dict(seg.frames)
+    counts = {"videos": 0, "frames": 0}
+    current: Optional[str] = None
     start = time.perf_counter()
     ok = False
     try:
-        for event in reader:
-            kind = event[0]
-            max_queue = max(max_queue, reader.queue.qsize() + 1)
-            if kind == FRAME:
-                _, name, frame, decode_s = event
-                times["decode"] += decode_s
-                t0 = time.perf_counter()
-                x = frame if frame.shape[:2] == (h, w) else cv2.resize(
-                    frame, (w, h), interpolation=cv2.INTER_LINEAR)
-                t1 = time.perf_counter()
-                times["preprocess"] += t1 - t0
-                path = os.path.join(vdir, f"{name}.png")
-                src_hw = frame.shape[:2]
-                if resume and mask_is_complete(path, src_hw):
-                    backend.push(x)
-                    counts["resumed"] += 1
-                    if ovl is not None:
-                        writers.submit(ovl.add, frame, read_label_png(path), video.fps,
-                                       ordered=True)
-                else:
-                    labels = backend.infer(x)
-                    t2 = time.perf_counter()
-                    back = labels if src_hw == (h, w) else cv2.resize(
-                        labels, (src_hw[1], src_hw[0]), interpolation=cv2.INTER_NEAREST)
-                    times["postprocess"] += time.perf_counter() - t2
-                    writers.submit(write_mask_png, path, back)
-                    if ovl is not None:
-                        writers.submit(ovl.add, frame, back, video.fps, ordered=True)
-                    counts["inferred"] += 1
-                counts["frames"] += 1
-                bar.update(1)
-            elif kind == VIDEO:
-                video = event[1]
-                backend.reset()
+        for r in seg.stream(videos, skip=skip, max_frames=max_frames, queue_depth=queue_depth):
+            if r.video != current:
+                if current is not None:
+                    writers.drain()
+                    out.end_video(current)
+                current = r.video
+                out.begin_video(current)
                 counts["videos"] += 1
-                vdir = os.path.join(out_dir, video.name)
-                os.makedirs(vdir, exist_ok=True)
-                bar.set_postfix_str(video.name, refresh=False)
-            elif kind == ERROR:
-                raise event[1]
-            elif kind == DONE:
-                break
-            elif kind != END:
-                raise AssertionError(f"unknown decoder event {kind}")
+                bar.set_postfix_str(current, refresh=False)
+            labels = r.labels
+            if labels is None:  # resumed: its labels are on disk already
+                if overlay is not None:
+                    labels = out.read(r.video, r.name)
+            else:
+                writers.submit(out.write, r.video, r.name, r.index, labels)
+            if overlay is not None:
+                writers.submit(overlay.add, r.frame, labels, r.fps, ordered=True)
+            counts["frames"] += 1
+            bar.update(1)
         ok = True
+    except OverlayError as e:
+        raise StreamError(str(e)) from None
     finally:
-        reader.close()
         bar.close()
         closed = False
         try:
             writers.close()
             closed = True
+            if current is not None:
+                out.end_video(current, complete=ok)
         finally:
-            if ovl is not None:
-                ovl.finish(ok and closed)
+            if overlay is not None:
+                overlay.finish(ok and closed)
     wall = time.perf_counter() - start
-    times["feature"] = backend.timings["feature"] - feature0
-    times["temporal"] = backend.timings["temporal"] - temporal0
+    times = {k: seg.timings[k] - timings0[k] for k in ("decode", "preprocess", "postprocess")}
+    for k in ("feature", "temporal"):
+        times[k] = seg.backend.timings[k] - engine0[k]
     times["write"] = writers.seconds
+    inferred = seg.frames["segmented"] - frames0["segmented"]
+    resumed = seg.frames["skipped"] - frames0["skipped"]
     engines = times["feature"] + times["temporal"]
     n = counts["frames"]
     stats: Dict[str, Any] = {
-        "backend": backend.describe(),
-        "export_size": [h, w],
+        "backend": seg.describe(),
+        "export": os.path.abspath(seg.export) if seg.export else None,
+        "export_size": [seg.height, seg.width],
+        "format": fmt,
         "videos": counts["videos"],
+        "videos_resumed": len(skipped_videos),
         "frames": n,
-        "frames_inferred": counts["inferred"],
-        "frames_resumed": counts["resumed"],
+        "frames_inferred": inferred,
+        "frames_resumed": resumed,
         "wall_s": round(wall, 4),
-        "fps": round(n / wall, 3) if wall > 0 else None,
+        "fps": round(n / wall, 3) if wall > 0 and n else None,
+        # the engines' own rate: segmented frames over the time of their two engine calls
+        # (the feature engine's time on resumed frames is reported apart)
         "engines_s": round(engines, 4),
-        "engines_fps": round(counts["inferred"] / engines, 3) if engines > 0 else None,
+        "engines_fps": round(inferred / engines, 3) if engines > 0 and inferred else None,
+        "resumed_feature_s": round(seg.backend.timings["push"] - engine0["push"], 4),
         "stages": {k: {"total_s": round(v, 4), "ms_per_frame": round(1e3 * v / n, 3) if n else None}
                    for k, v in times.items()},
         "stage_threads": {"decode": "decoder thread (overlaps)", "write": "writer pool (overlaps)",
                           "preprocess": "main", "feature": "main", "temporal": "main",
                           "postprocess": "main"},
-        "max_decode_queue": max_queue,
+        "max_decode_queue": seg.decode_queue_peak,
         "max_pending_writes": writers.max_pending_seen,
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "overlay": ovl.path if ovl is not None else None,
+        "overlay": overlay.path if overlay is not None else None,
     }
-    if engines > 0 and counts["inferred"] == n:
+    if engines > 0 and resumed == 0:
         stats["pipeline_overhead"] = round(wall / engines - 1.0, 4)
     return stats
 
 
 def summary_line(stats: Dict[str, Any], out_dir: str) -> str:
     """The one line printed at the end of a run."""
-    parts = [f"{stats['frames']} frames in {stats['videos']} video(s)",
-             f"{stats['fps']} fps" if stats.get("fps") else "",
-             f"(engines {stats['engines_fps']} fps)" if stats.get("engines_fps") else "",
-             f"{stats['frames_resumed']} resumed" if stats.get("frames_resumed") else "",
-             f"masks in {out_dir}",
-             f"overlay {stats['overlay']}" if stats.get("overlay") else "",
-             f"[{stats['backend']}]"]
-    return "tbn-run: " + ", ".join(p for p in parts if p)
+    n, v = stats["frames"], stats["videos"]
+    text = f"{n} frame{'s' * (n != 1)} of {v} video{'s' * (v != 1)}"
+    if stats.get("fps"):
+        text += f" at {stats['fps']:.1f} fps"
+        if stats.get("engines_fps"):
+            text += f" (engines alone {stats['engines_fps']:.1f} fps)"
+    resumed = [f"{stats[k]} {what}" for k, what in (("frames_resumed", "frames"),
+                                                       ("videos_resumed", "videos"))
+               if stats.get(k)]
+    if resumed:
+        text += f", {' and '.join(resumed)} already done"
+    text += f"; labels in {out_dir}"
+    if stats.get("overlay"):
+        text += f", overlay {stats['overlay']}"
+    return f"{text} [{stats['backend']}]"
 
 
-__all__ = ["run_stream", "summary_line", "has_masks", "mask_is_complete", "Writers",
-           "OverlayVideo", "StreamError", "SourceError", "STAGES"]
+__all__ = ["run_stream", "summary_line", "Writers", "StreamError", "SourceError", "STAGES"]

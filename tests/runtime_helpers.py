@@ -11,6 +11,8 @@ from typing import Dict, List, Sequence
 import cv2
 import numpy as np
 
+from tbn_train.data.synth import synthetic_frames  # noqa: F401  (the one synthetic generator)
+
 EXPORT_H, EXPORT_W = 64, 96
 _CACHE: Dict[str, str] = {}
 
@@ -33,20 +35,6 @@ def get_export(tmp_path_factory) -> str:
     export_onnx(model, out, EXPORT_H, EXPORT_W, checkpoint_path=ckpt)
     _CACHE["dir"] = out
     return out
-
-
-def synthetic_frames(n: int, h: int, w: int, seed: int = 0) -> List[np.ndarray]:
-    """Moving shapes on a textured background: content that changes frame to frame."""
-    rng = np.random.default_rng(seed)
-    base = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), (5, 5), 0)
-    frames = []
-    for t in range(n):
-        f = np.roll(base, 2 * t, axis=1).copy()
-        cv2.circle(f, ((5 + 3 * t) % w, h // 2), max(h // 5, 3), (255, 40 + 5 * t % 200, 20), -1)
-        cv2.rectangle(f, (w // 2, (2 * t) % h), (w // 2 + w // 6, (2 * t) % h + h // 5),
-                      (10, 200, 255 - 7 * t % 255), -1)
-        frames.append(f)
-    return frames
 
 
 def write_video(path: str, frames: Sequence[np.ndarray], fourcc: str = "mp4v",
@@ -77,31 +65,24 @@ _REFS: Dict[str, List[np.ndarray]] = {}
 
 def reference_labels(export_dir: str, frames: Sequence[np.ndarray],
                      key: str = "") -> List[np.ndarray]:
-    """PyTorch clip inference: model(clip) with clip_indices, frames resized as the stream does,
-    labels resized back with INTER_NEAREST. Cached under `key` when given."""
+    """The clip-inference reference (tbn_train.reference) on frames resized as the stream
+    resizes them, labels resized back with INTER_NEAREST. Cached under `key` when given."""
     if key and key in _REFS:
         return _REFS[key]
-    import torch
     from tbn_runtime.manifest import load_manifest
-    from tbn_runtime.preprocess import normalize_bgr
-    from tbn_runtime.temporal import clip_indices
     from tbn_train.checkpoint import load_model
+    from tbn_train.reference import ClipReference
 
     man = load_manifest(export_dir)
-    model, _ = load_model(man.checkpoint["path"])
+    ref = ClipReference(load_model(man.checkpoint["path"])[0])
     h, w = man.height, man.width
-    x = torch.stack([torch.from_numpy(normalize_bgr(
-        f if f.shape[:2] == (h, w) else cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR)))
-        for f in frames])
     out = []
-    with torch.no_grad():
-        for t in range(len(frames)):
-            lab = model(x[clip_indices(t, man.temporal_offsets)][None]).argmax(1)[0]
-            lab = lab.numpy().astype(np.uint8)
-            sh, sw = frames[t].shape[:2]
-            if (sh, sw) != (h, w):
-                lab = cv2.resize(lab, (sw, sh), interpolation=cv2.INTER_NEAREST)
-            out.append(lab)
+    for f in frames:
+        lab = ref.labels(f if f.shape[:2] == (h, w) else
+                         cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR))
+        if f.shape[:2] != (h, w):
+            lab = cv2.resize(lab, (f.shape[1], f.shape[0]), interpolation=cv2.INTER_NEAREST)
+        out.append(lab)
     if key:
         _REFS[key] = out
     return out

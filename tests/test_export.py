@@ -144,13 +144,11 @@ def test_fp16_chain_matches_pytorch(fp16_dir, frames, reference):
 def test_broken_ring_fails_the_threshold(fp32_dir, frames, reference):
     """Feeding the current feature as every past feature (a broken ring) must fall below the
     fp32 agreement threshold, so the chain checks above would catch a ring bug."""
-    import onnxruntime as ort
+    from tbn_runtime.backends.ort import create_session
 
     m = load_manifest(fp32_dir)
-    fs = ort.InferenceSession(os.path.join(fp32_dir, "feature.onnx"),
-                              providers=["CPUExecutionProvider"])
-    ts = ort.InferenceSession(os.path.join(fp32_dir, "temporal.onnx"),
-                              providers=["CPUExecutionProvider"])
+    fs = create_session(os.path.join(fp32_dir, "feature.onnx"))
+    ts = create_session(os.path.join(fp32_dir, "temporal.onnx"))
     t = N_FRAMES - 1
     (feat,) = fs.run(None, {"frame": frames[t][None]})
     (lab,) = ts.run(None, {"current": feat, **{k: feat for k in m.past_inputs}})
@@ -287,29 +285,3 @@ def test_cli_engine_only_without_export(tmp_path, capsys):
 def test_cli_unknown_flag(capsys):
     assert main(["--no-such-flag"]) == 2
     _assert_one_line_error(capsys)
-
-
-# -- TensorRT --------------------------------------------------------------------------------------
-def _tensorrt_gpu_reason():
-    from tbn_export.tensorrt_build import tensorrt_available
-
-    ok, why = tensorrt_available()
-    if not ok:
-        return f"TensorRT not importable ({why})"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    return None
-
-
-@pytest.mark.skipif(_tensorrt_gpu_reason() is not None, reason=str(_tensorrt_gpu_reason()))
-def test_tensorrt_engines(fp16_dir, tmp_path):
-    from tbn_export.tensorrt_build import build_engines
-
-    d = str(tmp_path / "export")
-    shutil.copytree(fp16_dir, d)
-    m = build_engines(d, workspace_gb=1.0)
-    assert m.tensorrt["version"] and m.tensorrt["gpu"] and m.tensorrt["compute_capability"]
-    for name in ("feature.engine", "temporal.engine"):
-        assert m.files[name]["sha256"] == sha256_file(os.path.join(d, name))
-    assert os.path.isfile(os.path.join(d, "timing.cache"))
-    assert load_manifest(d).tensorrt == m.tensorrt

@@ -86,7 +86,7 @@ def test_truncated_video_keeps_what_was_written(export_dir, tmp_path):
                            "breaks off at frame", "truncated")
     n = int(line.split("breaks off at frame ")[1].split()[0])
     assert 0 < n < 30
-    assert sorted(os.listdir(out / "cut")) == [f"{i:06d}.png" for i in range(n)]
+    assert sorted(os.listdir(out / "cut")) == [f"{i:08d}.png" for i in range(n)]
 
 
 def test_camera_that_does_not_open(export_dir, tmp_path):
@@ -117,7 +117,7 @@ def test_onnx_sha256_mismatch(good_video, export_dir, tmp_path):
 
 def test_backend_not_installed(good_video, export_dir, tmp_path):
     _one_line_error(tbn_run(good_video, "--out", str(tmp_path / "o"), "--model", export_dir,
-                            "--backend", "torch"), "pip install torch timm")
+                            "--backend", "torch"), "tbn-vit[train]")
     _one_line_error(tbn_run(good_video, "--out", str(tmp_path / "o"), "--model", export_dir,
                             "--backend", "trt"), "--engine-only")
 
@@ -126,9 +126,9 @@ def test_output_folder_with_masks_refused(good_video, export_dir, tmp_path):
     out = tmp_path / "o"
     r = tbn_run(good_video, "--out", str(out), "--model", export_dir, "--max-frames", "2")
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out / "good")) == ["000000.png", "000001.png"]
+    assert sorted(os.listdir(out / "good")) == ["00000000.png", "00000001.png"]
     _one_line_error(tbn_run(good_video, "--out", str(out), "--model", export_dir),
-                    "already holds masks", "--overwrite")
+                    "already holds labels", "--overwrite")
     r = tbn_run(good_video, "--out", str(out), "--model", export_dir, "--overwrite")
     assert r.returncode == 0, r.stderr
     assert len(os.listdir(out / "good")) == 4

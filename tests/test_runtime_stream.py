@@ -13,7 +13,8 @@ from tbn_runtime.backends import backend_class
 from tbn_runtime.backends.base import Backend
 from tbn_runtime.manifest import load_manifest
 from tbn_runtime.masks import read_label_png
-from tbn_runtime.sources import Video, open_source
+from tbn_runtime.segmenter import Segmenter
+from tbn_runtime.sources import Video
 from tbn_runtime.stream import run_stream
 
 SRC_H, SRC_W = 72, 104   # not the export size: the stream resizes in and out
@@ -32,7 +33,7 @@ def video(tmp_path_factory):
 
 
 def _masks(folder, n):
-    return [read_label_png(os.path.join(folder, f"{i:06d}.png")) for i in range(n)]
+    return [read_label_png(os.path.join(folder, f"{i:08d}.png")) for i in range(n)]
 
 
 def _leftovers(root):
@@ -66,8 +67,8 @@ def test_stream_torch_equals_clip_inference(export_dir, video, tmp_path):
     path, frames = video
     ref = reference_labels(export_dir, frames, "clip")
     man = load_manifest(export_dir)
-    with backend_class("torch")(export_dir, man, "cpu") as b:
-        stats = run_stream(open_source(path), b, str(tmp_path), progress=False)
+    with Segmenter(backend=backend_class("torch")(export_dir, man, "cpu")) as seg:
+        stats = run_stream(seg, path, str(tmp_path), progress=False)
     assert stats["frames"] == 12
     for g, e in zip(_masks(tmp_path / "clip", 12), ref):
         assert (g == e).mean() >= 0.999
@@ -77,23 +78,23 @@ def test_resume_gives_identical_result(export_dir, video, tmp_path):
     path, frames = video
     man = load_manifest(export_dir)
     out = str(tmp_path / "m")
-    with backend_class("ort")(export_dir, man, "cpu") as b:
-        run_stream(open_source(path), b, out, progress=False)
+    with Segmenter(backend=backend_class("ort")(export_dir, man, "cpu")) as seg:
+        run_stream(seg, path, out, progress=False)
         first = _masks(os.path.join(out, "clip"), 12)
         for i in (4, 10, 11):
-            os.remove(os.path.join(out, "clip", f"{i:06d}.png"))
-        with open(os.path.join(out, "clip", "000007.png"), "r+b") as f:   # a torn file
+            os.remove(os.path.join(out, "clip", f"{i:08d}.png"))
+        with open(os.path.join(out, "clip", "00000007.png"), "r+b") as f:   # a torn file
             f.truncate(40)
-        stats = run_stream(open_source(path), b, out, resume=True, progress=False)
+        stats = run_stream(seg, path, out, resume=True, progress=False)
     assert stats["frames_resumed"] == 8 and stats["frames_inferred"] == 4
     for a, c in zip(first, _masks(os.path.join(out, "clip"), 12)):
         np.testing.assert_array_equal(a, c)
     # the CLI refuses a folder with masks unless --overwrite or --resume
     r = tbn_run(path, "--out", out, "--model", export_dir, "--backend", "ort")
-    assert r.returncode != 0 and "already holds masks" in r.stderr
+    assert r.returncode != 0 and "already holds labels" in r.stderr
     r = tbn_run(path, "--out", out, "--model", export_dir, "--backend", "ort", "--resume")
     assert r.returncode == 0, r.stderr
-    assert "12 resumed" in r.stdout
+    assert "12 frames already done" in r.stdout
     assert _leftovers(out) == []
 
 
@@ -139,12 +140,12 @@ class FakeBackend(Backend):
 def _long_stream(n, tmp_path):
     def frames():
         for i in range(n):
-            yield f"{i:06d}", np.full((8, 12, 3), i % 256, np.uint8)
+            yield f"{i:08d}", np.full((8, 12, 3), i % 256, np.uint8)
     videos = [Video("endless", "camera", "fake", 25.0, None, frames)]
     b = FakeBackend(8, 12)
     tracemalloc.start()
-    stats = run_stream(videos, b, str(tmp_path / f"m{n}"), progress=False, queue_depth=8,
-                       max_pending_writes=16)
+    stats = run_stream(Segmenter(backend=b), videos, str(tmp_path / f"m{n}"), progress=False,
+                       queue_depth=8, max_pending_writes=16)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return stats, peak

@@ -3,9 +3,11 @@
     cls, device, reason = select_backend("auto", manifest, None, export_dir)
     backend = cls(export_dir, manifest, device)
 
-`auto` picks TensorRT if the export has engines, tensorrt imports and a GPU is present; else
-ONNX Runtime with CUDA if onnxruntime-gpu has a CUDA provider; else ONNX Runtime on the CPU;
-else PyTorch. A named backend that cannot run raises BackendError saying what to install.
+`auto` takes the GPU when there is one, whatever runs on it: TensorRT if the export has engines,
+tensorrt imports and a GPU is present; else ONNX Runtime's CUDA provider (onnxruntime-gpu); else
+PyTorch on CUDA (the checkpoint the export names). Only then the CPU: ONNX Runtime, else
+PyTorch. Any backend on a GPU beats any on the CPU for these models (a Swin-L frame is seconds
+on a CPU). A named backend that cannot run raises BackendError saying what to install.
 """
 
 from __future__ import annotations
@@ -24,11 +26,9 @@ _REGISTRY: Dict[str, str] = {
 }
 BACKENDS: Tuple[str, ...] = tuple(_REGISTRY)
 DEVICES = ("cpu", "cuda")
-
-
-def register_backend(name: str, target: str) -> None:
-    """Add a backend as "module:Class" (a Backend subclass)."""
-    _REGISTRY[name] = target
+#: what `auto` tries, in order: every GPU backend before any CPU backend
+AUTO_ORDER = (("trt", "cuda"), ("ort", "cuda"), ("torch", "cuda"), ("ort", "cpu"),
+              ("torch", "cpu"))
 
 
 def backend_class(name: str) -> Type[Backend]:
@@ -61,8 +61,7 @@ def select_backend(name: str, manifest: Manifest, device: Optional[str] = None,
         return cls, device, f"{name} as asked ({reason})"
 
     tried: List[str] = []
-    order = [("trt", "cuda"), ("ort", "cuda"), ("ort", "cpu"), ("torch", "cuda"), ("torch", "cpu")]
-    for cand, dev in order:
+    for cand, dev in AUTO_ORDER:
         if device is not None and dev != device:
             continue
         cls = backend_class(cand)
@@ -78,5 +77,5 @@ def select_backend(name: str, manifest: Manifest, device: Optional[str] = None,
                        " (pip install onnxruntime is the smallest fix)")
 
 
-__all__ = ["Backend", "BackendError", "BACKENDS", "backend_class", "register_backend",
+__all__ = ["AUTO_ORDER", "Backend", "BackendError", "BACKENDS", "backend_class",
            "select_backend"]

@@ -21,6 +21,21 @@ class BackendError(RuntimeError):
     """A backend that cannot run here (not installed, wrong GPU, bad engine); one-line message."""
 
 
+class HostClock:
+    """Stage timestamps from the host clock: right for backends whose calls return when the
+    work is done (ONNX Runtime, PyTorch on the CPU)."""
+
+    def __init__(self, marks: int = 3) -> None:
+        self._t = [0.0] * marks
+
+    def mark(self, i: int) -> None:
+        self._t[i] = time.perf_counter()
+
+    def seconds(self, a: int, b: int) -> float:
+        """Seconds from mark a to mark b; call after the work up to b has finished."""
+        return self._t[b] - self._t[a]
+
+
 class Backend:
     """Base class of the backends. Subclasses set `name` and implement the `_` methods.
 
@@ -28,21 +43,24 @@ class Backend:
     ``labels = b.infer(frame)`` with frame uint8 H x W x 3 BGR at the export size
     (manifest.height x manifest.width), labels uint8 H x W train ids; ``b.close()`` at the end.
     `push(frame)` runs only the feature engine (to rebuild the ring for frames already done).
-    `timings` accumulates seconds spent in the feature and temporal engines.
+    `timings` accumulates seconds spent in the feature and temporal engines of inferred frames
+    and in the feature engine of pushed frames ("push"), measured by
+    `clock`: the host clock, or CUDA events on the device for backends that enqueue work
+    asynchronously (the host clock would charge the feature engine's GPU time to whichever
+    stage first waits for it).
     """
 
     name: ClassVar[str] = "base"
-    #: what to install when `available()` says no.
-    install_hint: ClassVar[str] = ""
 
     def __init__(self, export_dir: str, manifest: Manifest, device: str) -> None:
         self.export_dir = export_dir
         self.manifest = manifest
         self.device = device
         self.height, self.width = int(manifest.height), int(manifest.width)
-        self.timings: Dict[str, float] = {"feature": 0.0, "temporal": 0.0}
+        self.timings: Dict[str, float] = {"feature": 0.0, "temporal": 0.0, "push": 0.0}
         self.frames = 0
         self.ring: Optional[FeatureRing[Any]] = None
+        self.clock: Any = HostClock()
 
     # -- what a backend implements ---------------------------------------------------------------
     @classmethod
@@ -51,17 +69,16 @@ class Backend:
         raise NotImplementedError
 
     def _run_feature(self, frame: np.ndarray, slot: Any) -> None:
-        """Run the feature engine on frame (uint8 1 x H x W x 3) into the ring slot `slot`."""
+        """Run (or enqueue) the feature engine on frame (uint8 1 x H x W x 3) into `slot`."""
         raise NotImplementedError
 
     def _run_temporal(self, current: Any, past: List[Any]) -> np.ndarray:
-        """Run the temporal engine on the slots; return uint8 H x W labels on the host."""
+        """Run the temporal engine on the slots; return uint8 H x W labels on the host (so
+        every enqueued work item has finished when it returns)."""
         raise NotImplementedError
 
-    def _stage_seconds(self) -> Optional[Tuple[float, float]]:
-        """(feature, temporal) seconds of the last frame measured on the device, if the backend
-        runs asynchronously (TensorRT: CUDA events); None means host wall clock is right."""
-        return None
+    def _synchronize(self) -> None:
+        """Wait for work enqueued on the device (no-op for synchronous backends)."""
 
     def describe(self) -> str:
         """One line: backend, device and what executes (for the log and the stats)."""
@@ -99,9 +116,11 @@ class Backend:
         x = self._check_frame(frame)
         assert self.ring is not None, "backend did not create its ring"
         slot = self.ring.write_target()
-        t0 = time.perf_counter()
+        self.clock.mark(0)
         self._run_feature(x, slot)
-        self.timings["feature"] += time.perf_counter() - t0
+        self.clock.mark(1)
+        self._synchronize()
+        self.timings["push"] += self.clock.seconds(0, 1)
         return slot
 
     def infer(self, frame: np.ndarray) -> np.ndarray:
@@ -110,18 +129,13 @@ class Backend:
         assert self.ring is not None, "backend did not create its ring"
         slot = self.ring.write_target()
         past = self.ring.past() if self.offsets else []
-        t0 = time.perf_counter()
+        self.clock.mark(0)
         self._run_feature(x, slot)
-        t1 = time.perf_counter()
+        self.clock.mark(1)
         labels = self._run_temporal(slot, past)
-        t2 = time.perf_counter()
-        device = self._stage_seconds()
-        if device is not None:
-            self.timings["feature"] += device[0]
-            self.timings["temporal"] += device[1]
-        else:
-            self.timings["feature"] += t1 - t0
-            self.timings["temporal"] += t2 - t1
+        self.clock.mark(2)
+        self.timings["feature"] += self.clock.seconds(0, 1)
+        self.timings["temporal"] += self.clock.seconds(1, 2)
         self.frames += 1
         return labels
 

@@ -11,81 +11,55 @@ tensorrt and cuda-python are imported only when this backend is used.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 
+from .. import cuda
 from ..manifest import Manifest
 from .base import Backend, BackendError, numpy_dtype
 
-_INSTALL = "pip install tbn-vit[gpu] (tensorrt and cuda-python)"
 _REBUILD = "rebuild the engines here with `tbn-export --engine-only`"
 
 
-def _imports():
+def _import_trt() -> Any:
     try:
         import tensorrt as trt
-        from cuda.bindings import runtime as cudart
-    except ImportError as e:
-        raise BackendError(f"the trt backend needs TensorRT and cuda-python ({e}): "
-                           f"{_INSTALL}") from e
-    return trt, cudart
-
-
-def _check(result: Any) -> Any:
-    """cuda-python calls return (err, *values); raise on an error, return the value(s)."""
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    from cuda.bindings import runtime as cudart
-    if err != cudart.cudaError_t.cudaSuccess:
-        name = cudart.cudaGetErrorName(err)[1]
-        raise BackendError(f"CUDA error {name.decode() if isinstance(name, bytes) else name}")
-    if not rest:
-        return None
-    return rest[0] if len(rest) == 1 else tuple(rest)
-
-
-def gpu_info() -> Tuple[str, str]:
-    """(name, compute capability 'major.minor') of CUDA device 0."""
-    _, cudart = _imports()
-    prop = _check(cudart.cudaGetDeviceProperties(0))
-    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}"
+    except Exception as e:  # ImportError, or a wheel whose CUDA libraries are missing
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BackendError(f"the trt backend needs TensorRT ({first}): {cuda.INSTALL}") from e
+    return trt
 
 
 class _Pinned:
     """A page-locked host buffer viewed as a numpy array."""
 
     def __init__(self, shape: Tuple[int, ...], dtype: np.dtype) -> None:
-        _, cudart = _imports()
+        cudart = cuda.runtime()
         self.nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        self.ptr = _check(cudart.cudaMallocHost(self.nbytes))
+        self.ptr = cuda.check(cudart.cudaMallocHost(self.nbytes), "cudaMallocHost")
         raw = np.ctypeslib.as_array(ctypes.cast(self.ptr, ctypes.POINTER(ctypes.c_uint8)),
                                     (self.nbytes,))
         self.array = raw.view(dtype).reshape(shape)
 
     def free(self) -> None:
         if self.ptr is not None:
-            _, cudart = _imports()
-            cudart.cudaFreeHost(self.ptr)
+            cuda.runtime().cudaFreeHost(self.ptr)
             self.ptr = None
 
 
 class TrtBackend(Backend):
     name = "trt"
-    install_hint = _INSTALL
 
     @classmethod
     def available(cls, device: str = "cuda") -> Tuple[bool, str]:
         if device == "cpu":
             return False, "TensorRT runs on a GPU only (use --device cuda or another backend)"
         try:
-            trt, cudart = _imports()
+            trt = _import_trt()
+            count = cuda.device_count()
         except BackendError as e:
             return False, str(e)
-        try:
-            count = _check(cudart.cudaGetDeviceCount())
-        except BackendError as e:
-            return False, f"no usable CUDA device ({e})"
         if not count:
             return False, "no CUDA device found"
         return True, f"TensorRT {trt.__version__}"
@@ -95,31 +69,42 @@ class TrtBackend(Backend):
         ok, reason = self.available(device)
         if not ok:
             raise BackendError(reason)
-        trt, cudart = _imports()
-        self._trt, self._cudart = trt, cudart
+        self._trt, self._cudart = _import_trt(), cuda.runtime()
         self._dev_buffers: List[int] = []
         self._pinned: List[_Pinned] = []
-        self._events: List[Any] = []
         self.stream = None
-        self._check_build(trt)
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.feature_engine = self._load(manifest.verify_file(export_dir, "feature.engine"))
-        self.temporal_engine = self._load(manifest.verify_file(export_dir, "temporal.engine"))
-        self.feature_ctx = self.feature_engine.create_execution_context()
-        self.temporal_ctx = self.temporal_engine.create_execution_context()
-        try:
+        try:  # whatever fails below, the stream, events and buffers made so far are freed
+            self._check_build(self._trt)
+            self._logger = self._trt.Logger(self._trt.Logger.WARNING)
+            self._runtime = self._trt.Runtime(self._logger)
+            self.feature_engine = self._load(manifest.verify_file(export_dir, "feature.engine"))
+            self.temporal_engine = self._load(manifest.verify_file(export_dir,
+                                                                   "temporal.engine"))
+            self.feature_ctx = self._context(self.feature_engine, "feature")
+            self.temporal_ctx = self._context(self.temporal_engine, "temporal")
             self._allocate()
-        except BackendError:
+        except BaseException:
             self.close()
             raise
+
+    def _context(self, engine: Any, which: str) -> Any:
+        ctx = engine.create_execution_context()
+        if ctx is None:  # TensorRT returns None when it cannot (e.g. out of device memory)
+            raise BackendError(f"TensorRT could not create an execution context for the {which} "
+                               f"engine in {self.export_dir} (out of GPU memory?)")
+        return ctx
+
+    def _bind(self, ctx: Any, name: str, ptr: int) -> None:
+        if not ctx.set_tensor_address(name, int(ptr)):
+            raise BackendError(f"TensorRT refused the address of tensor '{name}' (not a tensor "
+                               f"of this engine, or misaligned); {_REBUILD}")
 
     def _check_build(self, trt: Any) -> None:
         built = self.manifest.tensorrt or {}
         if not built:
             raise BackendError(f"{self.export_dir} has no TensorRT build record in its manifest; "
                                f"{_REBUILD}")
-        name, cc = gpu_info()
+        name, cc = cuda.gpu_info()
         problems = []
         if str(built.get("version")) != trt.__version__:
             problems.append(f"TensorRT {built.get('version')} (this is {trt.__version__})")
@@ -151,14 +136,14 @@ class TrtBackend(Backend):
         return shape, np.dtype(self._trt.nptype(engine.get_tensor_dtype(name)))
 
     def _malloc(self, nbytes: int) -> int:
-        ptr = int(_check(self._cudart.cudaMalloc(nbytes)))
+        ptr = int(cuda.check(self._cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
         self._dev_buffers.append(ptr)
         return ptr
 
     def _allocate(self) -> None:
         m, cudart = self.manifest, self._cudart
-        self.stream = _check(cudart.cudaStreamCreate())
-        self._events = [_check(cudart.cudaEventCreate()) for _ in range(3)]
+        self.stream = cuda.check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.clock = cuda.EventClock(self.stream)
         fshape, fdtype = self._tensor(self.feature_engine, m.feature_output)
         if list(fshape) != [int(d) for d in m.feature_shape] or fdtype != numpy_dtype(
                 m.feature_dtype):
@@ -171,59 +156,51 @@ class TrtBackend(Backend):
         self._frame_host = _Pinned(in_shape, np.dtype(np.uint8))
         self._pinned.append(self._frame_host)
         self._frame_dev = self._malloc(self._frame_host.nbytes)
-        self.feature_ctx.set_tensor_address(m.frame_input, self._frame_dev)
+        self._bind(self.feature_ctx, m.frame_input, self._frame_dev)
 
         lshape, ldtype = self._tensor(self.temporal_engine, m.labels_output)
         self._labels_host = _Pinned(lshape, ldtype)
         self._pinned.append(self._labels_host)
         self._labels_dev = self._malloc(self._labels_host.nbytes)
-        self.temporal_ctx.set_tensor_address(m.labels_output, self._labels_dev)
+        self._bind(self.temporal_ctx, m.labels_output, self._labels_dev)
         if m.logits_output:
             shape, dtype = self._tensor(self.temporal_engine, m.logits_output)
-            self.temporal_ctx.set_tensor_address(
-                m.logits_output, self._malloc(int(np.prod(shape)) * dtype.itemsize))
+            self._bind(self.temporal_ctx, m.logits_output,
+                       self._malloc(int(np.prod(shape)) * dtype.itemsize))
+        self._gpu = cuda.gpu_info()
 
     def describe(self) -> str:
-        name, cc = gpu_info()
+        name, cc = self._gpu
         return (f"trt {self._trt.__version__} on {name} (sm {cc}), ring of "
                 f"{self.manifest.ring_size} device buffers")
 
     def _run_feature(self, frame: np.ndarray, slot: Any) -> None:
         cudart, s = self._cudart, self.stream
         np.copyto(self._frame_host.array, frame.reshape(self._frame_host.array.shape))
-        _check(cudart.cudaEventRecord(self._events[0], s))
-        _check(cudart.cudaMemcpyAsync(self._frame_dev, self._frame_host.ptr,
-                                      self._frame_host.nbytes,
-                                      cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, s))
-        self.feature_ctx.set_tensor_address(self.manifest.feature_output, int(slot))
+        cuda.check(cudart.cudaMemcpyAsync(self._frame_dev, self._frame_host.ptr,
+                                          self._frame_host.nbytes,
+                                          cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, s),
+                   "cudaMemcpyAsync (frame to device)")
+        self._bind(self.feature_ctx, self.manifest.feature_output, slot)
         if not self.feature_ctx.execute_async_v3(int(s)):
             raise BackendError("TensorRT feature engine failed to enqueue")
-        _check(cudart.cudaEventRecord(self._events[1], s))
 
     def _run_temporal(self, current: Any, past: List[Any]) -> np.ndarray:
         cudart, s, m = self._cudart, self.stream, self.manifest
-        self.temporal_ctx.set_tensor_address(m.current_input, int(current))
+        self._bind(self.temporal_ctx, m.current_input, current)
         for name, ptr in zip(m.past_inputs, past):
-            self.temporal_ctx.set_tensor_address(name, int(ptr))
+            self._bind(self.temporal_ctx, name, ptr)
         if not self.temporal_ctx.execute_async_v3(int(s)):
             raise BackendError("TensorRT temporal engine failed to enqueue")
-        _check(cudart.cudaMemcpyAsync(self._labels_host.ptr, self._labels_dev,
-                                      self._labels_host.nbytes,
-                                      cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, s))
-        _check(cudart.cudaEventRecord(self._events[2], s))
-        _check(cudart.cudaStreamSynchronize(s))
+        cuda.check(cudart.cudaMemcpyAsync(self._labels_host.ptr, self._labels_dev,
+                                          self._labels_host.nbytes,
+                                          cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, s),
+                   "cudaMemcpyAsync (labels to host)")
+        self._synchronize()
         return self._labels_host.array.reshape(self.height, self.width).copy()
 
-    def _stage_seconds(self) -> Optional[Tuple[float, float]]:
-        e0, e1, e2 = self._events
-        feature_ms = _check(self._cudart.cudaEventElapsedTime(e0, e1))
-        temporal_ms = _check(self._cudart.cudaEventElapsedTime(e1, e2))
-        return feature_ms / 1e3, temporal_ms / 1e3
-
-    def push(self, frame: np.ndarray) -> Any:
-        slot = super().push(frame)
-        _check(self._cudart.cudaStreamSynchronize(self.stream))
-        return slot
+    def _synchronize(self) -> None:
+        cuda.check(self._cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
     def close(self) -> None:
         cudart = getattr(self, "_cudart", None)
@@ -231,19 +208,18 @@ class TrtBackend(Backend):
             return
         if self.stream is not None:
             cudart.cudaStreamSynchronize(self.stream)
+        for attr in ("feature_ctx", "temporal_ctx", "feature_engine", "temporal_engine"):
+            if hasattr(self, attr):  # contexts and engines before the memory they use
+                delattr(self, attr)
         for ptr in self._dev_buffers:
             cudart.cudaFree(ptr)
         self._dev_buffers = []
         for p in self._pinned:
             p.free()
         self._pinned = []
-        for ev in self._events:
-            cudart.cudaEventDestroy(ev)
-        self._events = []
+        if isinstance(self.clock, cuda.EventClock):
+            self.clock.close()
         if self.stream is not None:
             cudart.cudaStreamDestroy(self.stream)
             self.stream = None
-        for attr in ("feature_ctx", "temporal_ctx", "feature_engine", "temporal_engine"):
-            if hasattr(self, attr):
-                delattr(self, attr)
         self.ring = None

@@ -265,6 +265,15 @@ def make_video(rng: np.random.Generator, height: int, width: int, frames: int,
     return imgs, masks
 
 
+def synthetic_frames(n: int, height: int, width: int, seed: int = 0) -> List[np.ndarray]:
+    """n uint8 BGR frames of one synthetic video (make_video's moving textured objects on a
+    panning background, with its degraded stretches): the frames tests, `tbn-export --verify`
+    and the benchmarks feed the engines when no real video is given."""
+    h, w = height + height % 2, width + width % 2  # make_video draws on even sizes
+    imgs, _ = make_video(np.random.default_rng(seed), h, w, n, classes=len(OBJECTS))
+    return [np.ascontiguousarray(f[:height, :width]) for f in imgs]
+
+
 def _write_mask(path: Path, raw: np.ndarray) -> None:
     img = Image.fromarray(np.ascontiguousarray(raw))
     img.putpalette(PALETTE.tobytes())

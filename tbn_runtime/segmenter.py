@@ -1,0 +1,218 @@
+"""The runtime's Python API: video scene parsing with an exported TBN-ViT, one stream at a time.
+
+    import cv2
+    from tbn_runtime import CLASSES, Segmenter, colorize
+
+    with Segmenter("runs/tbn/export") as seg:            # backend="auto": the best one present
+        labels = seg.segment(frame_bgr)                   # H x W uint8 train ids, frame's size
+        print(CLASSES[labels[0, 0]])                      # the class of the top-left pixel
+        seg.reset()                                       # a new video: the ring starts again
+        for r in seg.stream("video.mp4"):                 # decoded in a thread, in frame order
+            cv2.imwrite(f"{r.video}-{r.name}.png", colorize(r.labels))
+
+A Segmenter holds a backend (TensorRT, ONNX Runtime or PyTorch; see tbn_runtime.backends) with
+its feature ring. `segment` takes frames at any size: it resizes them to the export size
+(bilinear) on the way in and the labels back (nearest) on the way out, so the labels always
+match the frame. Consecutive `segment` calls are consecutive frames of one video; call `reset()`
+between videos (`stream` does it itself). tbn-run is this class plus tbn_runtime.stream's
+writers, and holds no logic of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .backends import Backend, select_backend
+from .manifest import MANIFEST_NAME, ManifestError, load_manifest
+
+log = logging.getLogger("tbn_runtime")
+
+#: where tbn-train and tbn-export put their outputs by default
+DEFAULT_RUN = os.path.join("runs", "tbn")
+
+
+def find_exports(root: str = DEFAULT_RUN) -> List[str]:
+    """Export folders (export, export-fp16, export-int8, ...) directly under `root`, newest
+    manifest first."""
+    try:
+        entries = [e for e in os.scandir(root) if e.is_dir() and e.name.startswith("export")
+                   and os.path.isfile(os.path.join(e.path, MANIFEST_NAME))]
+    except OSError:
+        return []
+    entries.sort(key=lambda e: os.path.getmtime(os.path.join(e.path, MANIFEST_NAME)),
+                 reverse=True)
+    return [os.path.join(root, e.name) for e in entries]
+
+
+def default_export(root: str = DEFAULT_RUN) -> str:
+    """The newest export under `root` (what the last tbn-export wrote); ManifestError if none."""
+    found = find_exports(root)
+    if not found:
+        raise ManifestError(f"no export under {root}/ (export*/manifest.json): make one with "
+                            f"tbn-export, or pass the export folder (--model DIR)")
+    return found[0]
+
+
+@dataclass
+class Result:
+    """One frame of `Segmenter.stream`."""
+    video: str                     # the video's name (its output folder)
+    name: str                      # the frame's name (its output file name, no extension)
+    index: int                     # the frame's index within its video
+    frame: np.ndarray              # uint8 H x W x 3 BGR, as decoded
+    labels: Optional[np.ndarray]   # uint8 H x W train ids at the frame's size; None if skipped
+    fps: float                     # the video's frame rate (its container's, else 25)
+
+
+class Segmenter:
+    """Video scene parsing with an exported TBN-ViT (see the module docstring for usage).
+
+    export: an export folder made by tbn-export (default: the newest under runs/tbn).
+    backend: "auto" (TensorRT, then ONNX Runtime, then PyTorch; any GPU before the CPU), "trt",
+    "ort", "torch", or a Backend instance (export and device are then ignored).
+    device: "cuda", "cpu" or None for the best one present.
+    Raises ManifestError (a bad export) or BackendError (a backend that cannot run here).
+    """
+
+    def __init__(self, export: Optional[str] = None, backend: Union[str, Backend] = "auto",
+                 device: Optional[str] = None) -> None:
+        if isinstance(backend, Backend):
+            self.backend = backend
+            self.why = f"{backend.name} as given"
+        else:
+            export = export or default_export()
+            manifest = load_manifest(export)
+            cls, device, self.why = select_backend(backend, manifest, device, export)
+            self.backend = cls(export, manifest, device)
+        self.manifest = self.backend.manifest
+        self.export = self.backend.export_dir
+        #: class names by train id, and their colours (BGR) for colorize()
+        self.classes: List[str] = list(self.manifest.class_names)
+        self.palette_bgr = np.asarray(self.manifest.palette, np.uint8).reshape(-1, 3)[:, ::-1]
+        #: seconds spent per stage (decode only in stream(); the engines' in backend.timings)
+        self.timings: Dict[str, float] = dict.fromkeys(("decode", "preprocess", "postprocess"),
+                                                       0.0)
+        self.frames = {"segmented": 0, "skipped": 0}
+        #: the most decoded events that waited for the main thread (the queue is bounded)
+        self.decode_queue_peak = 0
+
+    @property
+    def height(self) -> int:
+        """The export size: frames are resized to it for the engines."""
+        return self.backend.height
+
+    @property
+    def width(self) -> int:
+        return self.backend.width
+
+    def describe(self) -> str:
+        """One line: backend, device, what runs (and why it was chosen)."""
+        return self.backend.describe()
+
+    # -- one frame at a time ---------------------------------------------------------------------
+    def _to_export_size(self, frame: np.ndarray) -> np.ndarray:
+        import cv2
+
+        frame = np.asarray(frame)
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise ValueError(f"a frame must be uint8 H x W x 3 BGR (as cv2.imread/VideoCapture "
+                             f"give it), got {frame.dtype} {frame.shape}")
+        if frame.shape[:2] == (self.height, self.width):
+            return frame
+        return cv2.resize(frame, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
+
+    def segment(self, frame: np.ndarray) -> np.ndarray:
+        """The labels (uint8 train ids, H x W of the frame) of the next frame of the video."""
+        import cv2
+
+        t0 = time.perf_counter()
+        x = self._to_export_size(frame)
+        t1 = time.perf_counter()
+        labels = self.backend.infer(x)
+        t2 = time.perf_counter()
+        h, w = frame.shape[:2]
+        if (h, w) != labels.shape:
+            labels = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
+        self.timings["preprocess"] += t1 - t0
+        self.timings["postprocess"] += time.perf_counter() - t2
+        self.frames["segmented"] += 1
+        return labels
+
+    def push(self, frame: np.ndarray) -> None:
+        """The next frame, features only: for frames whose labels exist already (resume), so
+        that the frames after them still see their past."""
+        t0 = time.perf_counter()
+        x = self._to_export_size(frame)
+        self.timings["preprocess"] += time.perf_counter() - t0
+        self.backend.push(x)
+        self.frames["skipped"] += 1
+
+    def reset(self) -> None:
+        """Start a new video: the next frame is frame 0 (its past is itself)."""
+        self.backend.reset()
+
+    def colorize(self, labels: np.ndarray) -> np.ndarray:
+        """BGR colours of labels in this export's palette (ignore, 255, white)."""
+        from .masks import colorize
+        return colorize(labels, self.palette_bgr)
+
+    # -- whole videos ----------------------------------------------------------------------------
+    def stream(self, source: Union[str, Sequence[Any]], *,
+               skip: Optional[Callable[[str, str, np.ndarray], bool]] = None,
+               max_frames: Optional[int] = None, queue_depth: int = 8) -> Iterator[Result]:
+        """Segment every frame of a source, in order, decoding ahead in a thread.
+
+        source: a video file, folder, VSPW split list, camera index or URL (see
+        tbn_runtime.sources.open_source), or a list of tbn_runtime.sources.Video.
+        skip(video, frame_name, frame) -> True: the frame's labels are not wanted (e.g. already
+        written); its features are still computed and its Result has labels None.
+        max_frames: stop after this many frames in all. Raises SourceError when a video cannot
+        be read (after yielding every frame before the failure).
+        """
+        from .sources import DONE, END, ERROR, FRAME, VIDEO, ReadAhead, open_source
+
+        videos = open_source(source) if isinstance(source, (str, os.PathLike)) else list(source)
+        reader = ReadAhead(videos, depth=queue_depth, max_frames=max_frames)
+        video, index = None, 0
+        try:
+            for event in reader:
+                kind = event[0]
+                self.decode_queue_peak = max(self.decode_queue_peak, reader.queue.qsize() + 1)
+                if kind == FRAME:
+                    _, name, frame, decode_s = event
+                    self.timings["decode"] += decode_s
+                    if skip is not None and skip(video.name, name, frame):
+                        self.push(frame)
+                        labels = None
+                    else:
+                        labels = self.segment(frame)
+                    yield Result(video.name, name, index, frame, labels, video.fps)
+                    index += 1
+                elif kind == VIDEO:
+                    video, index = event[1], 0
+                    self.reset()
+                elif kind == ERROR:
+                    raise event[1]
+                elif kind == DONE:
+                    return
+                elif kind != END:
+                    raise AssertionError(f"unknown decoder event {kind}")
+        finally:
+            reader.close()
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the engines and device memory (idempotent)."""
+        self.backend.close()
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,264 @@
+"""The GPU paths, run wherever CUDA exists; without it each test skips with its reason.
+
+Every test id here contains "cuda", so `pytest -k cuda` (what benchmarks/gpu_check.py runs on a
+GPU machine) selects exactly these: the torch backend with CUDA graphs (fp32 and fp16), ONNX
+Runtime's CUDA provider with IOBinding over a device ring, TensorRT engines built inside the
+test and streamed through the trt backend, `tbn-export --engine-only`, and training on CUDA
+(bf16 and fp16 AMP, gradient checkpointing, SyncBatchNorm in an NCCL group).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from runtime_helpers import EXPORT_H, EXPORT_W, get_export, synthetic_frames
+from tbn_runtime.backends import BackendError, backend_class
+from tbn_runtime.manifest import load_manifest
+
+HAS_CUDA = torch.cuda.is_available()
+NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
+N_FRAMES = 14  # the first nine (past indices clamped to frame 0) and five after
+
+
+def _trt_reason():
+    if not HAS_CUDA:
+        return NO_CUDA
+    ok, why = backend_class("trt").available("cuda")
+    return None if ok else f"TensorRT backend unavailable: {why}"
+
+
+def _ort_cuda_reason():
+    if not HAS_CUDA:
+        return NO_CUDA
+    ok, why = backend_class("ort").available("cuda")
+    return None if ok else why
+
+
+needs_trt = pytest.mark.skipif(_trt_reason() is not None, reason=str(_trt_reason()))
+needs_ort_cuda = pytest.mark.skipif(_ort_cuda_reason() is not None,
+                                    reason=str(_ort_cuda_reason()))
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return get_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return synthetic_frames(N_FRAMES, EXPORT_H, EXPORT_W, seed=7)
+
+
+@pytest.fixture(scope="module")
+def fp16_export(export_dir, tmp_path_factory):
+    """The fp16 export of the same checkpoint as export_dir."""
+    from tbn_export.onnx_export import export_onnx
+    from tbn_train.checkpoint import load_model
+
+    ckpt = load_manifest(export_dir).checkpoint["path"]
+    out = str(tmp_path_factory.mktemp("fp16"))
+    export_onnx(load_model(ckpt)[0], out, EXPORT_H, EXPORT_W, fp16=True, checkpoint_path=ckpt)
+    return out
+
+
+def _reference_on_cuda(export_dir, frames, fp16=False):
+    """The clip-inference reference, on the GPU (same device arithmetic as the backend)."""
+    from tbn_train.checkpoint import load_model
+    from tbn_train.reference import ClipReference
+
+    ref = ClipReference(load_model(load_manifest(export_dir).checkpoint["path"])[0], "cuda", fp16)
+    return [ref.labels(f) for f in frames]
+
+
+def _stream(backend, frames):
+    backend.reset()
+    return [backend.infer(f) for f in frames]
+
+
+def _agreement(a, b):
+    return [float((x == y).mean()) for x, y in zip(a, b)]
+
+
+# -- the runtime's torch backend: CUDA graphs ----------------------------------------------------
+@needs_cuda
+@pytest.mark.parametrize("precision, threshold", [("fp32", 0.999), ("fp16", 0.995)])
+def test_cuda_torch_backend_graphs_equal_clip_inference(export_dir, frames, precision,
+                                                        threshold):
+    import dataclasses
+
+    man = dataclasses.replace(load_manifest(export_dir), precision=precision)
+    ref = _reference_on_cuda(export_dir, frames, fp16=precision == "fp16")
+    with backend_class("torch")(export_dir, man, "cuda") as b:
+        # a capture that fell back to eager would pass the comparison silently: refuse it
+        assert b.graph_note == "CUDA graphs", b.graph_note
+        got = _stream(b, frames)
+        assert min(_agreement(got, ref)) >= threshold  # frame by frame, the first nine too
+        # the two stages are timed with CUDA events, push() included
+        assert b.timings["feature"] > 0 and b.timings["temporal"] > 0
+        b.reset()
+        b.push(frames[0])
+        assert b.timings["push"] > 0
+
+
+# -- ONNX Runtime's CUDA provider ---------------------------------------------------------------
+@needs_ort_cuda
+def test_cuda_ort_provider_with_device_ring_equals_cpu(export_dir, frames):
+    man = load_manifest(export_dir)
+    with backend_class("ort")(export_dir, man, "cuda") as gpu, \
+            backend_class("ort")(export_dir, man, "cpu") as cpu:
+        assert "CUDAExecutionProvider" in gpu.describe() and "'cuda'" in gpu.describe()
+        assert min(_agreement(_stream(gpu, frames), _stream(cpu, frames))) >= 0.999
+
+
+# -- TensorRT -------------------------------------------------------------------------------------
+def _with_engines(src, tmp_path):
+    from tbn_export.tensorrt_build import build_engines
+
+    d = str(tmp_path / "export")
+    shutil.copytree(src, d)
+    build_engines(d, workspace_gb=1.0)
+    return d
+
+
+@needs_trt
+@pytest.mark.parametrize("which, threshold", [("fp32", 0.999), ("fp16", 0.995)])
+def test_cuda_trt_engines_built_here_equal_ort(export_dir, fp16_export, frames, tmp_path, which,
+                                               threshold):
+    from tbn_runtime.files import sha256_file
+
+    src = export_dir if which == "fp32" else fp16_export
+    d = _with_engines(src, tmp_path)
+    man = load_manifest(d)
+    assert man.tensorrt["strongly_typed"] and man.tensorrt["compute_capability"]
+    for name in ("feature.engine", "temporal.engine"):
+        assert man.files[name]["sha256"] == sha256_file(os.path.join(d, name))
+    with backend_class("trt")(d, man, "cuda") as trt, \
+            backend_class("ort")(src, load_manifest(src), "cpu") as ort:
+        assert min(_agreement(_stream(trt, frames), _stream(ort, frames))) >= threshold
+        assert trt.timings["feature"] > 0 and trt.timings["temporal"] > 0
+
+
+@needs_trt
+def test_cuda_export_engine_only_on_an_existing_export(export_dir, tmp_path, capsys):
+    from tbn_export.cli import main
+
+    d = str(tmp_path / "export")
+    shutil.copytree(export_dir, d)
+    assert main(["--engine-only", "--out", d]) == 0
+    man = load_manifest(d)
+    assert {"feature.engine", "temporal.engine"} <= set(man.files)
+    assert os.path.isfile(os.path.join(d, "timing.cache"))
+    assert "built TensorRT" in capsys.readouterr().out
+    assert main(["--engine-only", "--out", d]) == 0  # again: the timing cache is reused
+
+
+@needs_trt
+def test_cuda_trt_engines_for_another_build_are_refused(export_dir, tmp_path):
+    bad = str(tmp_path / "export")
+    shutil.copytree(export_dir, bad)
+    for name in ("feature.engine", "temporal.engine"):
+        with open(os.path.join(bad, name), "wb") as f:
+            f.write(b"not an engine")
+    man = load_manifest(bad)
+    man.add_file(bad, "feature.engine")
+    man.add_file(bad, "temporal.engine")
+    man.tensorrt = {"version": "0.0.0", "gpu": "none", "compute_capability": "0.0"}
+    man.save(bad)
+    with pytest.raises(BackendError, match="--engine-only"):
+        backend_class("trt")(bad, load_manifest(bad), "cuda")
+
+
+# -- training on CUDA ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    from train_helpers import make_synth
+    return make_synth(tmp_path_factory.mktemp("cuda-train") / "synth")
+
+
+def _losses(out):
+    lines = (out / "stage1" / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+@needs_cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_training_with_amp_lowers_a_finite_loss(synth_root, tmp_path, amp):
+    from tbn_train import train
+
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    out = tmp_path / "run"
+    rc = train.main(["--preset", "demo", "--data", str(synth_root), "--out", str(out),
+                     "--device", "cuda", "--amp", amp, "--iters", "8", "--batch-size", "2",
+                     "--lr", "0.1", "--warmup-iters", "0", "--crop-size", "64", "64",
+                     "--workers", "0", "--log-interval", "1", "--eval-interval", "100"])
+    assert rc == 0
+    losses = _losses(out)
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    state = torch.load(out / "stage1" / "last.state.pt", weights_only=True)
+    assert bool(state["scaler"]) == (amp == "fp16")  # fp16 trains with a gradient scaler
+
+
+def _tiny_step_grads(checkpointing):
+    from tbn_train.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tbn_tiny").cuda().train()
+    model.set_grad_checkpointing(checkpointing)
+    g = torch.Generator().manual_seed(1)
+    clip = torch.randn(2, 4, 3, 64, 96, generator=g).cuda()
+    target = torch.randint(0, 124, (2, 64, 96), generator=g).cuda()
+    loss = torch.nn.functional.cross_entropy(model(clip), target)
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()
+            if p.grad is not None}
+
+
+@needs_cuda
+def test_cuda_grad_checkpointing_gives_the_same_gradients():
+    plain, ckpt = _tiny_step_grads(False), _tiny_step_grads(True)
+    assert plain.keys() == ckpt.keys() and len(plain) > 10
+    for name in plain:
+        assert torch.allclose(plain[name], ckpt[name], rtol=1e-3, atol=1e-5), name
+
+
+@needs_cuda
+def test_cuda_syncbatchnorm_step_in_an_nccl_group():
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    from tbn_train.models import build_model
+
+    if not dist.is_nccl_available():
+        pytest.skip("this torch has no NCCL")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(build_model("tbn_tiny")).cuda().train()
+        assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[0])
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        clip = torch.randn(2, 4, 3, 64, 96, device="cuda")
+        target = torch.randint(0, 124, (2, 64, 96), device="cuda")
+        loss = torch.nn.functional.cross_entropy(ddp(clip), target)
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+        moved = sum(int(not torch.equal(a, b)) for a, b in zip(before, model.parameters()))
+        assert moved > 0.9 * len(before)
+    finally:
+        dist.destroy_process_group()
