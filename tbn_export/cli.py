@@ -1,30 +1,40 @@
 """tbn-export: checkpoint -> export directory (feature.onnx, temporal.onnx, manifest.json, and
 feature.engine / temporal.engine where TensorRT is present).
 
-    tbn-export [--checkpoint runs/tbn/best.safetensors] [--out runs/tbn/export] [--fp16]
+    tbn-export [--checkpoint runs/tbn/best.safetensors] [--fp16] [--out DIR]
                [--height H --width W] [--logits] [--verify [--video FILE]] [--overwrite]
     tbn-export --engine-only --out DIR      # engines for an existing export, on the target GPU
 
+Each precision has its own default folder (runs/tbn/export, runs/tbn/export-fp16), so exporting
+one never replaces another; an export of another model or precision in --out is refused without
+--overwrite, and one of the same checkpoint, precision and size is left as it is (up to date).
 The export is made in a temporary directory beside --out and renamed into place: the directory
-holds a whole export or the previous one, never half of each. A user's mistake gets one line on
-stderr and exit code 2; a failed --verify exit code 1 (and nothing is written).
+holds a whole export or the previous one, never half of each (temporaries of killed runs are
+removed at the next start). A user's mistake gets one line on stderr and exit code 2; a failed
+--verify exit code 1 (and nothing is written). Only argparse is imported before --help.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
 import time
 from typing import List, Optional, Tuple
 
+from tbn_runtime.logs import add_verbosity_flags, setup_logging
+
 DEFAULT_CHECKPOINT = "runs/tbn/best.safetensors"
-DEFAULT_OUT = "runs/tbn/export"
+DEFAULT_RUN = "runs/tbn"
 #: VSPW's 480p frames (480 x 853) with the width rounded up to a multiple of 32.
 DEFAULT_SIZE = (480, 864)
-ENGINE_HINT = ("to build TensorRT engines later, on the target machine: "
-               "pip install 'tbn-vit[gpu]' && tbn-export --engine-only --out {out}")
+ENGINE_HINT = ("to build TensorRT engines later, on the target machine: pip install "
+               "'tbn-vit[gpu-cu12]' (or gpu-cu13) && tbn-export --engine-only --out {out}")
+
+
+log = logging.getLogger("tbn_export")
 
 
 class UsageError(Exception):
@@ -36,12 +46,20 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see tbn-export --help)")
 
 
+def default_out(precision: str) -> str:
+    """Where an export of `precision` goes by default: runs/tbn/export for fp32,
+    runs/tbn/export-<precision> for the others."""
+    return os.path.join(DEFAULT_RUN, "export" if precision == "fp32" else f"export-{precision}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tbn-export", description="Export a TBN-ViT checkpoint as two ONNX graphs "
                 "(+ TensorRT engines where TensorRT is installed) and a manifest.")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help=f"checkpoint written by tbn-train (default {DEFAULT_CHECKPOINT})")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"export directory (default {DEFAULT_OUT})")
+    p.add_argument("--out", default=None,
+                   help=f"export directory (default {default_out('fp32')}; "
+                        f"{default_out('fp16')} with --fp16)")
     p.add_argument("--fp16", action="store_true",
                    help="fp16 graphs (LayerNorm, Softmax, reductions stay fp32); fp16 features")
     p.add_argument("--height", type=int, default=None,
@@ -65,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt-log-level", default="warning",
                    choices=("verbose", "info", "warning", "error", "internal_error"),
                    help="TensorRT logger severity (default warning)")
+    add_verbosity_flags(p)
     return p
+
+
+def precision_of(args) -> str:
+    return "fp16" if args.fp16 else "fp32"
 
 
 def _export_size(args, meta) -> Tuple[int, int, str]:
@@ -87,21 +110,24 @@ def _export_size(args, meta) -> Tuple[int, int, str]:
     return int(size[0]), int(size[1]), source
 
 
-def _check_out_dir(out: str, model_name: str, overwrite: bool) -> Optional[str]:
-    """Refuse an --out that holds another model's export or unrelated files (unless --overwrite).
+def _check_out_dir(out: str, model_name: str, precision: str, overwrite: bool,
+                   same_as: Optional[dict] = None) -> Tuple[str, Optional[str]]:
+    """What to do with --out: ("new" | "replace" | "up to date", a note for the user).
 
-    The export of the same model (e.g. from a newer checkpoint of the same training run) is
-    replaced: that is what re-running the default chain tbn-train -> tbn-export does. Returns a
-    note on what is replaced, or None.
+    Refused (UsageError) without --overwrite: a folder of other files, an unreadable export, the
+    export of another model or another precision. The export of the same model and precision
+    from another checkpoint or at another size is replaced (a newer checkpoint of the same run:
+    what re-running the default chain tbn-train -> tbn-export does). One whose manifest equals
+    `same_as` (checkpoint sha256, size, logits) is up to date and left alone.
     """
     from tbn_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a directory")
-    if not os.path.isdir(out) or not os.listdir(out):
-        return None
+    if not os.path.isdir(out) or not [e for e in os.listdir(out) if not e.startswith(".")]:
+        return "new", None
     if overwrite:
-        return f"replacing the contents of {out} (--overwrite)"
+        return "replace", f"replacing the contents of {out} (--overwrite)"
     if not os.path.isfile(os.path.join(out, MANIFEST_NAME)):
         raise UsageError(f"--out {out} is not empty and holds no tbn-vit export; pass "
                          f"--overwrite to replace it, or choose another --out")
@@ -110,11 +136,18 @@ def _check_out_dir(out: str, model_name: str, overwrite: bool) -> Optional[str]:
     except ManifestError:
         raise UsageError(f"--out {out} holds an unreadable export; pass --overwrite to replace "
                          f"it") from None
-    if old.model != model_name:
-        raise UsageError(f"--out {out} holds the export of model '{old.model}', not "
-                         f"'{model_name}'; pass --overwrite to replace it, or choose another --out")
-    return (f"replacing the {old.precision} export of {old.model} in {out} (from "
-            f"{(old.checkpoint or {}).get('path')})")
+    if old.model != model_name or old.precision != precision:
+        raise UsageError(f"--out {out} holds the {old.precision} export of '{old.model}', not a "
+                         f"{precision} export of '{model_name}'; pass --overwrite to replace it, "
+                         f"or choose another --out (each precision has its own default folder)")
+    if same_as is not None and (old.checkpoint or {}).get("sha256") == same_as["sha256"] and \
+            [old.height, old.width] == same_as["size"] and \
+            bool(old.logits_output) == same_as["logits"]:
+        return "up to date", (f"{out} already holds this export ({precision} {model_name} at "
+                              f"{old.height}x{old.width} from this checkpoint); nothing to do "
+                              f"(--overwrite exports again)")
+    return "replace", (f"replacing the {old.precision} export of {old.model} in {out} (from "
+                       f"{(old.checkpoint or {}).get('path')})")
 
 
 def _install(tmp: str, out: str) -> None:
@@ -145,8 +178,8 @@ def _engine_only(args) -> int:
     manifest = load_manifest(args.out)
     ok, why = tensorrt_available()
     if not ok:
-        raise UsageError(f"TensorRT is not available here ({why}); on the target machine: "
-                         f"pip install 'tbn-vit[gpu]' && tbn-export --engine-only --out {args.out}")
+        raise UsageError(f"TensorRT is not available here ({why}); "
+                         + ENGINE_HINT.format(out=args.out))
     t0 = time.perf_counter()
     try:
         manifest = build_engines(args.out, args.workspace_gb, args.trt_log_level, manifest)
@@ -176,15 +209,24 @@ def _export(args) -> int:
     if args.workspace_gb <= 0:
         raise UsageError(f"--workspace-gb must be positive, got {args.workspace_gb}")
 
+    from tbn_runtime.files import sha256_file, sweep_stale, temporary_name
+
     model, meta = load_model(args.checkpoint)
     height, width, source = _export_size(args, meta)
     height, width = check_export_size(height, width)
     out = os.path.abspath(args.out)
-    replacing = _check_out_dir(out, model.model_name, args.overwrite)
+    precision = precision_of(args)
+    action, note = _check_out_dir(out, model.model_name, precision, args.overwrite, {
+        "sha256": sha256_file(args.checkpoint), "size": [height, width], "logits": args.logits})
+    if action == "up to date":
+        print(note)
+        return 0
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    for path in sweep_stale(parent):
+        log.info("removed %s, left by an export that was killed", path)
+    tmp = temporary_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         t0 = time.perf_counter()
@@ -227,8 +269,8 @@ def _export(args) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    if replacing:
-        print(replacing)
+    if note:
+        print(note)
     print(f"wrote {out}")
     if engine_error is not None:
         raise UsageError(f"{engine_error}; the ONNX export in {out} is complete "
@@ -239,6 +281,17 @@ def _export(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"tbn-export: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    setup_logging("tbn-export", args.verbose, args.quiet)
+    if args.out is None:
+        args.out = default_out(precision_of(args))
+
     from tbn_runtime.manifest import ManifestError
     from tbn_train.checkpoint import CheckpointError
     from tbn_train.models import BackboneError
@@ -247,7 +300,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .verify import VerifyError
 
     try:
-        args = build_parser().parse_args(argv)
         if args.engine_only:
             return _engine_only(args)
         return _export(args)

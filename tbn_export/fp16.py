@@ -118,7 +118,12 @@ def _is_blocked(node: onnx.NodeProto, blocked_nodes: Set[str]) -> bool:
 
 
 def _convert(model: onnx.ModelProto, node_block_list: Iterable[str] = ()) -> onnx.ModelProto:
-    from onnxconverter_common import float16
+    try:
+        from onnxconverter_common import float16
+    except ImportError as e:
+        from .onnx_export import ExportError
+        raise ExportError(f"--fp16 needs onnxconverter-common ({e}): pip install "
+                          f"'tbn-vit[export]'") from e
 
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import logging
 import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,6 +30,8 @@ from tbn_runtime.classes import VSPW_CLASSES, make_palette
 from tbn_runtime.files import atomic_write, sha256_file
 from tbn_runtime.manifest import Manifest
 from tbn_runtime.preprocess import MEAN_RGB, STD_RGB
+
+log = logging.getLogger("tbn_export")
 
 #: opset 17 is the first with LayerNormalization as one op (kept fp32 by the fp16 pass, fused by
 #: TensorRT); TensorRT 10 and 11 and onnxruntime >= 1.12 all read it.
@@ -149,15 +152,20 @@ def _torch_onnx_export(module: nn.Module, args: Tuple[torch.Tensor, ...], input_
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxslim (constant folding, dead-node removal, shape inference); if it fails, the graph
-    as exported (the TorchScript exporter already folds constants)."""
-    import onnxslim
+    """onnxslim (constant folding, dead-node removal, shape inference); if it is missing or
+    fails, the graph as exported (valid: the TorchScript exporter already folds constants)."""
+    try:
+        import onnxslim
+    except ImportError:
+        log.warning("onnxslim is not installed: the graphs are written as exported, not "
+                    "simplified (pip install 'tbn-vit[export]')")
+        return model
 
     try:
         slim = onnxslim.slim(model)
     except Exception as e:  # a slim failure must not lose the export
-        warnings.warn(f"onnxslim failed ({e.__class__.__name__}: {e}); keeping the graph as "
-                      f"exported")
+        log.warning("onnxslim failed (%s: %s); keeping the graph as exported",
+                    e.__class__.__name__, e)
         return model
     return slim if isinstance(slim, onnx.ModelProto) else model
 

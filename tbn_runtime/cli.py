@@ -22,6 +22,8 @@ import sys
 import threading
 from typing import List, Optional
 
+from .logs import add_verbosity_flags, setup_logging
+
 PROG = "tbn-run"
 log = logging.getLogger("tbn_runtime")
 
@@ -67,23 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "engine still runs on kept frames: the frames after need them)")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames in all")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    verbosity = p.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="more messages")
-    verbosity.add_argument("-q", "--quiet", action="store_true",
-                           help="errors only (and no progress bar)")
+    add_verbosity_flags(p)
     return p
-
-
-def setup_logging(prog: str, verbose: bool = False, quiet: bool = False) -> None:
-    """Messages of the tbn packages as `prog: message` lines on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
-    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
-    for name in ("tbn_runtime", "tbn_export", "tbn_train"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(level)
-        logger.propagate = False
 
 
 def _fail(message: str) -> int:

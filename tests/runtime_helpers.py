@@ -98,3 +98,10 @@ def tbn_run(*args: str, block_torch: bool = True, timeout: float = 120):
                                                                  "tbn_runtime"]
     return subprocess.run(cmd + ["--no-progress", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (for temporaries 'left by a killed run')."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid

@@ -180,7 +180,7 @@ def test_image_model_exports_current_only(bisenet, bisenet_dir):
 
 
 # -- the CLI ---------------------------------------------------------------------------------------
-def test_cli_export_and_reexport(checkpoint, tmp_path, capsys):
+def test_cli_export_then_reexport(checkpoint, tiny, tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["--checkpoint", checkpoint, "--out", str(out)]) == 0
     text = capsys.readouterr().out
@@ -193,18 +193,71 @@ def test_cli_export_and_reexport(checkpoint, tmp_path, capsys):
     except Exception:
         assert "tbn-export --engine-only --out" in text
     assert sorted(os.listdir(tmp_path)) == ["export"]  # no temporary directory left beside it
+    first = sha256_file(str(out / "feature.onnx"))
+    stamp = os.path.getmtime(out / "manifest.json")
+
+    # the same checkpoint again: up to date, nothing rewritten
+    assert main(["--checkpoint", checkpoint, "--out", str(out)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert os.path.getmtime(out / "manifest.json") == stamp
+
+    # a newer checkpoint of the same model: exported again, in place of the old one
+    newer = tmp_path / "newer.safetensors"
+    with torch.no_grad():
+        changed = build_model("tbn_tiny").eval()
+        changed.load_state_dict(tiny.state_dict())
+        changed.classifier[-1].bias.add_(1.0)
+    save_checkpoint(str(newer), changed, config={"model": "tbn_tiny", "crop_size": [H, W]})
+    assert main(["--checkpoint", str(newer), "--out", str(out)]) == 0
+    assert "replacing the fp32 export" in capsys.readouterr().out
+    m = load_manifest(str(out))
+    assert m.checkpoint["sha256"] == sha256_file(str(newer))
+    assert sha256_file(str(out / "temporal.onnx")) == m.files["temporal.onnx"]["sha256"]
+    assert sha256_file(str(out / "feature.onnx")) == first  # the feature half did not change
+    assert sorted(os.listdir(tmp_path)) == ["export", "newer.safetensors"]
+
+
+def test_each_precision_has_its_own_default_folder(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--checkpoint", checkpoint]) == 0
+    assert main(["--checkpoint", checkpoint, "--fp16"]) == 0
+    runs = tmp_path / "runs" / "tbn"
+    assert load_manifest(str(runs / "export")).precision == "fp32"
+    assert load_manifest(str(runs / "export-fp16")).precision == "fp16"
+    # an fp16 export into the fp32 folder is refused, and the folder left as it was
+    before = sha256_file(str(runs / "export" / "manifest.json"))
+    capsys.readouterr()
+    assert main(["--checkpoint", checkpoint, "--fp16", "--out", str(runs / "export")]) == 2
+    _assert_one_line_error(capsys, "fp32 export", "--overwrite")
+    assert sha256_file(str(runs / "export" / "manifest.json")) == before
 
 
 def test_out_dir_rules(fp32_dir, tmp_path):
-    """An export of the same model is replaced (a newer checkpoint of it); another model's is
-    refused (the CLI tests below run that through main)."""
     from tbn_export.cli import UsageError, _check_out_dir
 
-    assert _check_out_dir(str(tmp_path / "new"), "tbn_tiny", False) is None
-    assert "replacing" in _check_out_dir(fp32_dir, "tbn_tiny", False)
+    m = load_manifest(fp32_dir)
+    same = {"sha256": m.checkpoint["sha256"], "size": [m.height, m.width], "logits": False}
+    assert _check_out_dir(str(tmp_path / "new"), "tbn_tiny", "fp32", False)[0] == "new"
+    assert _check_out_dir(fp32_dir, "tbn_tiny", "fp32", False, same)[0] == "up to date"
+    other_ckpt = dict(same, sha256="0" * 64)
+    assert _check_out_dir(fp32_dir, "tbn_tiny", "fp32", False, other_ckpt)[0] == "replace"
+    assert _check_out_dir(fp32_dir, "tbn_tiny", "fp32", False, dict(same, size=[32, 32]))[0] \
+        == "replace"
     with pytest.raises(UsageError, match="tbn_tiny"):
-        _check_out_dir(fp32_dir, "tbn_swin_l", False)
-    assert "--overwrite" in _check_out_dir(fp32_dir, "tbn_swin_l", True)
+        _check_out_dir(fp32_dir, "tbn_swin_l", "fp32", False)
+    with pytest.raises(UsageError, match="fp32 export"):
+        _check_out_dir(fp32_dir, "tbn_tiny", "fp16", False)
+    assert "--overwrite" in _check_out_dir(fp32_dir, "tbn_swin_l", "fp16", True)[1]
+
+
+def test_killed_exports_temporaries_are_swept(checkpoint, tmp_path):
+    from runtime_helpers import dead_pid
+
+    dead = tmp_path / f".export.tmp-{dead_pid()}"  # left by an export that was killed
+    dead.mkdir()
+    (dead / "feature.onnx").write_bytes(b"half")
+    assert main(["--checkpoint", checkpoint, "--out", str(tmp_path / "export")]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["export"]
 
 
 def _assert_one_line_error(capsys, *needles):

@@ -24,7 +24,7 @@ def _import_ort():
         import onnxruntime as ort
     except ImportError as e:
         raise BackendError("the ort backend needs ONNX Runtime: pip install onnxruntime "
-                           "(or onnxruntime-gpu for CUDA: pip install tbn-vit[gpu])") from e
+                           "(for CUDA: pip install 'tbn-vit[gpu-cu12]')") from e
     return ort
 
 
@@ -62,7 +62,6 @@ def create_session(path: str, device: str = "cpu", *, spinning: bool = True,
 
 class OrtBackend(Backend):
     name = "ort"
-    install_hint = "pip install onnxruntime (CUDA: pip install tbn-vit[gpu])"
 
     @classmethod
     def available(cls, device: str = "cpu") -> Tuple[bool, str]:
@@ -74,7 +73,8 @@ class OrtBackend(Backend):
         if device == "cuda" and _CUDA_EP not in providers:
             return False, (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
                            f"(providers: {', '.join(providers)}); for CUDA: pip uninstall -y "
-                           f"onnxruntime && pip install tbn-vit[gpu]")
+                           f"onnxruntime && pip install 'tbn-vit[gpu-cu12]' (CUDA 12; CUDA 13 builds "
+                           f"come from ONNX Runtime's own package feed)")
         return True, f"onnxruntime {ort.__version__} ({_CUDA_EP if device == 'cuda' else _CPU_EP})"
 
     def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu", *,
