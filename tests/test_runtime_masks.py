@@ -33,12 +33,42 @@ def test_roundtrip_palette_png(tmp_path):
     assert os.listdir(path.parent) == ["00001.png"]  # no temporary left behind
 
 
-def test_write_overwrites_atomically(tmp_path):
+def test_write_overwrites_atomically(tmp_path, monkeypatch):
     path = tmp_path / "m.png"
     write_mask_png(path, np.zeros((3, 4), np.uint8))
     write_mask_png(path, np.full((3, 4), 7, np.uint8))
     np.testing.assert_array_equal(read_label_png(path), 7)
     assert sorted(os.listdir(tmp_path)) == ["m.png"]
+
+    # a write that dies half-way (disk full, a kill) leaves the previous mask whole
+    from PIL import Image
+
+    def half_then_fail(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        write_mask_png(path, np.full((3, 4), 9, np.uint8))
+    np.testing.assert_array_equal(read_label_png(path), 7)
+    assert sorted(os.listdir(tmp_path)) == ["m.png"]  # and no temporary left
+
+
+def test_atomic_text_write_keeps_the_old_file_when_it_fails(tmp_path, monkeypatch):
+    from tbn_runtime import files
+
+    path = tmp_path / "stats.json"
+    files.atomic_write_text(str(path), '{"old": true}\n')
+    real_replace = os.replace
+
+    def crash_before_rename(src, dst):  # the process dies after writing, before the rename
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", crash_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write_text(str(path), '{"new": true}\n')
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert path.read_text() == '{"old": true}\n'
+    assert os.listdir(tmp_path) == ["stats.json"]
 
 
 @pytest.mark.parametrize("bad, word", [

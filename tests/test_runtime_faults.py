@@ -1,0 +1,186 @@
+"""tbn-run and the export manifest against bad input and faults: each gets one line naming the
+problem (and its fix), a non-zero exit code, no traceback, and nothing written is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from runtime_helpers import NO_TORCH, dead_pid, get_export, synthetic_frames, tbn_run, write_video
+from tbn_runtime.files import FolderLock
+from tbn_runtime.masks import read_label_png
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return get_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    return write_video(str(d / "cam.mp4"), synthetic_frames(6, 48, 64, seed=4))
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("tbn-run: error:")]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+# -- the manifest is validated at load --------------------------------------------------------------
+def _set(field, value):
+    def edit(m):
+        m[field] = value
+    return edit
+
+
+def _files(m):
+    m["files"]["../elsewhere.onnx"] = dict(m["files"]["feature.onnx"])
+
+
+def _palette(m):
+    m["palette"] = m["palette"][:10]
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (_set("height", -5), "field 'height'"),
+    (_set("width", "wide"), "field 'width'"),
+    (_set("feature_dtype", "float64"), "field 'feature_dtype'"),
+    (_set("temporal_offsets", [3, 6, 900]), "field 'temporal_offsets'"),
+    (_set("ring_size", 4), "field 'ring_size'"),
+    (_set("num_classes", 300), "field 'num_classes'"),
+    (_palette, "field 'palette' has 10 colours for num_classes 124"),
+    (_set("past_inputs", ["past_3"]), "field 'past_inputs'"),
+    (_set("precision", "int4"), "field 'precision'"),
+    (_set("std", [58.4, 0, 57.4]), "field 'std'"),
+    (_files, "plain names"),
+])
+def test_a_bad_manifest_is_one_line_naming_the_field(export_dir, video, tmp_path, edit, needle):
+    bad = tmp_path / "export"
+    shutil.copytree(export_dir, bad)
+    data = json.loads((bad / "manifest.json").read_text())
+    edit(data)
+    (bad / "manifest.json").write_text(json.dumps(data))
+    line = _one_line_error(tbn_run(video, "--out", str(tmp_path / "o"), "--model", str(bad)),
+                           needle, "export again")
+    assert "manifest.json" in line
+    assert not (tmp_path / "o").exists()  # nothing written, not even an empty folder
+
+
+# -- outputs checked before the first frame ---------------------------------------------------------
+def test_outputs_are_checked_before_the_first_frame(export_dir, video, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    out = tmp_path / "o"
+    # an overlay under a file: the reason is the path, not a missing codec
+    line = _one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir,
+                                   "--overlay", str(blocker / "ov.mp4")), "overlay")
+    assert "codec" not in line and "encoder" not in line
+    _one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir,
+                            "--overlay", str(tmp_path / "ov.gif")), ".mp4")
+    _one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir,
+                            "--stats", str(blocker / "s.json")), "--stats", "cannot write")
+    assert not out.exists()  # refused before any mask
+    _one_line_error(tbn_run(video, "--out", str(blocker), "--model", export_dir),
+                    "not a folder")
+    _one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir, "--max-frames",
+                            "0"), "--max-frames")
+
+
+# -- one run per output folder ----------------------------------------------------------------------
+def test_a_second_run_into_the_same_folder_is_refused(export_dir, video, tmp_path):
+    out = tmp_path / "o"
+    with FolderLock(str(out), "tbn-run other.mp4 --out o"):
+        line = _one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir),
+                               "in use by", f"pid {os.getpid()}", "other.mp4")
+        assert "choose another output folder" in line
+    # released (or its holder dead): the next run takes the folder
+    r = tbn_run(video, "--out", str(out), "--model", export_dir)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(out / FolderLock.NAME)
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(export_dir, video, tmp_path):
+    out = tmp_path / "o"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from tbn_runtime.files import FolderLock\n"
+        f"FolderLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        _one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir), "in use by")
+        holder.kill()  # SIGKILL: no clean-up, the lock file stays behind
+        holder.wait()
+        assert os.path.exists(out / FolderLock.NAME)
+        r = tbn_run(video, "--out", str(out), "--model", export_dir)
+        assert r.returncode == 0, r.stderr
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+def test_temporaries_of_killed_runs_are_swept_and_live_ones_kept(export_dir, video, tmp_path):
+    out = tmp_path / "o"
+    (out / "cam").mkdir(parents=True)
+    dead = out / "cam" / f".00000003.png.tmp-{dead_pid()}"
+    dead.write_bytes(b"half a png")
+    live = out / "cam" / f".00000004.png.tmp-{os.getpid()}"   # this test process is alive
+    live.write_bytes(b"being written")
+    ovl = tmp_path / f".ov.mp4.tmp-{dead_pid()}.mp4"
+    ovl.write_bytes(b"half a video")
+    r = tbn_run(video, "--out", str(out), "--model", export_dir, "--overlay",
+                str(tmp_path / "ov.mp4"))
+    assert r.returncode == 0, r.stderr
+    assert not dead.exists() and not ovl.exists() and live.exists()
+    assert "left by a run that was killed" in r.stderr
+
+
+# -- SIGTERM stops cleanly; --resume finishes identically --------------------------------------------
+def test_sigterm_stops_cleanly_and_resume_finishes_identically(export_dir, tmp_path):
+    long = write_video(str(tmp_path / "long.mp4"), synthetic_frames(150, 48, 64, seed=9))
+    full = tmp_path / "full"
+    r = tbn_run(long, "--out", str(full), "--model", export_dir, "--backend", "ort")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "cut"
+    cmd = [sys.executable, "-c", NO_TORCH, "--no-progress", long, "--out", str(out), "--model",
+           export_dir, "--backend", "ort", "--overlay", str(tmp_path / "ov.mp4")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:
+            done = os.listdir(out / "long") if (out / "long").is_dir() else []
+            if len([f for f in done if f.endswith(".png")]) >= 5:
+                break
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err
+    assert "Traceback" not in err and "stopped (SIGTERM)" in err
+    names = sorted(os.listdir(out / "long"))
+    assert 5 <= len(names) < 150 and all(n.endswith(".png") for n in names)  # no temporaries
+    assert not (tmp_path / "ov.mp4").exists()  # the overlay of a stopped run is not kept
+    assert [f for f in os.listdir(tmp_path) if ".tmp-" in f] == []
+    for n in names:  # what was written is whole
+        assert read_label_png(out / "long" / n).shape == (48, 64)
+    r = tbn_run(long, "--out", str(out), "--model", export_dir, "--backend", "ort", "--resume")
+    assert r.returncode == 0, r.stderr
+    for i in range(150):
+        name = f"{i:08d}.png"
+        assert np.array_equal(read_label_png(out / "long" / name),
+                              read_label_png(full / "long" / name)), name
