@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None,
                    help=f"export width (default: as --height, else {DEFAULT_SIZE[1]})")
     p.add_argument("--logits", action="store_true", help="temporal graph also outputs logits")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="most streams batched in one engine call (tbn-run --streams): the "
+                        "TensorRT engines take 1..N frames (default 8)")
     p.add_argument("--verify", action="store_true",
                    help="compare the ONNX graphs with PyTorch before writing the export")
     p.add_argument("--video", default=None, help="frames for --verify (default: synthetic)")
@@ -208,6 +211,8 @@ def _export(args) -> int:
         raise UsageError(f"video not found: {args.video}")
     if args.workspace_gb <= 0:
         raise UsageError(f"--workspace-gb must be positive, got {args.workspace_gb}")
+    if not 1 <= args.max_batch <= 256:
+        raise UsageError(f"--max-batch must be in 1..256, got {args.max_batch}")
 
     from tbn_runtime.files import sha256_file, sweep_stale, temporary_name
 
@@ -231,7 +236,7 @@ def _export(args) -> int:
     try:
         t0 = time.perf_counter()
         manifest = export_onnx(model, tmp, height, width, fp16=args.fp16, logits=args.logits,
-                               checkpoint_path=args.checkpoint)
+                               checkpoint_path=args.checkpoint, max_batch=args.max_batch)
         t_export = time.perf_counter() - t0
         print(f"exported {manifest.model} ({manifest.precision}) at {height}x{width} (size from "
               f"{source}) in {t_export:.1f} s: {FEATURE_ONNX} "

@@ -7,7 +7,10 @@ temporal.onnx  current, past_3, past_6, past_9 (past_{k} for k in model.temporal
                that order; only `current` for image models) -> labels uint8 [1, H, W] (argmax
                inside the graph), plus logits float32 [1, K, H, W] with logits=True.
 
-Shapes are static: batch 1 at the export size. With fp16=True both graphs are converted by
+Shapes are static but for a batch axis (named "batch") on every input and output: one frame
+per live stream (tbn-run --streams N; TensorRT builds an optimization profile of 1..max_batch).
+The runtime pins it to 1 for a single stream (ONNX Runtime then folds the shape arithmetic it
+costs away, as for a static graph). With fp16=True both graphs are converted by
 tbn_export.fp16 (fp16 weights and arithmetic; LayerNorm, Softmax and reductions in fp32); the
 feature then travels between the engines as float16, which halves the ring.
 """
@@ -28,7 +31,7 @@ import torch.nn as nn
 
 from tbn_runtime.classes import VSPW_CLASSES, make_palette
 from tbn_runtime.files import atomic_write, sha256_file
-from tbn_runtime.manifest import Manifest
+from tbn_runtime.manifest import BATCH_AXIS, Manifest
 from tbn_runtime.preprocess import MEAN_RGB, STD_RGB
 
 log = logging.getLogger("tbn_export")
@@ -131,10 +134,15 @@ def package_versions() -> Dict[str, Optional[str]]:
     return versions
 
 
+#: the default largest batch (streams batched in one engine call) of the TensorRT profile
+MAX_BATCH = 8
+
+
 def _torch_onnx_export(module: nn.Module, args: Tuple[torch.Tensor, ...], input_names: List[str],
                        output_names: List[str]) -> onnx.ModelProto:
     buf = io.BytesIO()
     kwargs = dict(input_names=input_names, output_names=output_names, opset_version=OPSET,
+                  dynamic_axes={name: {0: BATCH_AXIS} for name in input_names + output_names},
                   do_constant_folding=True, export_params=True,
                   training=torch.onnx.TrainingMode.EVAL)
     # The TorchScript exporter (dynamo=False): it exists from torch 2.4 to 2.14, needs nothing
@@ -183,6 +191,18 @@ def _save_onnx(model: onnx.ModelProto, path: str) -> None:
     atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
 
 
+def _declare_output_shapes(model: onnx.ModelProto, shapes: Dict[str, List[int]]) -> None:
+    """Write the static sizes of the outputs (all but the batch axis) into the graph: shape
+    inference through the upsample of a batch-agnostic graph leaves them symbolic, and
+    TensorRT and the runtime read the output sizes from the graph."""
+    for out in model.graph.output:
+        if out.name in shapes:
+            dims = out.type.tensor_type.shape.dim
+            for d, size in zip(list(dims)[1:], shapes[out.name][1:]):
+                d.ClearField("dim_param")
+                d.dim_value = int(size)
+
+
 def _fix_output_dtype(model: onnx.ModelProto, name: str, elem_type: int) -> None:
     """Make graph output `name` elem_type, appending a Cast where the fp16 pass changed it."""
     for out in model.graph.output:
@@ -198,7 +218,8 @@ def _fix_output_dtype(model: onnx.ModelProto, name: str, elem_type: int) -> None
 
 # -- the export ------------------------------------------------------------------------------------
 def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: bool = False,
-                logits: bool = False, checkpoint_path: Optional[str] = None) -> Manifest:
+                logits: bool = False, checkpoint_path: Optional[str] = None,
+                max_batch: int = MAX_BATCH) -> Manifest:
     """Write feature.onnx, temporal.onnx and manifest.json for `model` into out_dir.
 
     The model is put in eval mode. The files are written in place (each one atomically); the
@@ -230,6 +251,8 @@ def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: b
     out_names = ["labels", "logits"] if logits else ["labels"]
     temp_onnx = simplify(_torch_onnx_export(temporal_graph, inputs, ["current"] + past_names,
                                             out_names))
+    _declare_output_shapes(temp_onnx, {"labels": [1, height, width],
+                                       "logits": [1, int(model.num_classes), height, width]})
 
     feature_dtype = "float32"
     if fp16:
@@ -265,6 +288,7 @@ def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: b
         precision="fp16" if fp16 else "fp32",
         past_inputs=past_names,
         logits_output="logits" if logits else None,
+        max_batch=int(max_batch),
         checkpoint=checkpoint,
         versions=package_versions(),
     )
@@ -275,12 +299,13 @@ def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: b
 
 
 def graph_io(model: onnx.ModelProto) -> Dict[str, Dict[str, Tuple[str, List[int]]]]:
-    """{"inputs": {name: (dtype, shape)}, "outputs": {...}} of an ONNX graph (for tests/verify)."""
+    """{"inputs": {name: (dtype, shape)}, "outputs": {...}} of an ONNX graph (for tests/verify);
+    a symbolic axis appears by its name ("batch")."""
     def describe(values) -> Dict[str, Tuple[str, List[int]]]:
         out = {}
         for v in values:
             t = v.type.tensor_type
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
-            out[v.name] = (dtype, [d.dim_value for d in t.shape.dim])
+            out[v.name] = (dtype, [d.dim_param or d.dim_value for d in t.shape.dim])
         return out
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}

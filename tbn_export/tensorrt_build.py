@@ -140,8 +140,24 @@ def _use_timing_cache(config: Any, path: str) -> None:
         raise EngineBuildError("TensorRT could not create an empty timing cache")
 
 
+def _batch_profile(builder: Any, network: Any, max_batch: int) -> Any:
+    """An optimization profile taking 1..max_batch frames on every input's batch axis (the
+    other axes are static), tuned for max_batch: batching is for many streams."""
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = list(tensor.shape)
+        if any(d < 0 for d in shape[1:]):
+            raise EngineBuildError(f"input '{tensor.name}' has a dynamic axis besides the batch "
+                                   f"({shape}); export again with this tbn-export")
+        lo, hi = [1] + shape[1:], [max_batch] + shape[1:]
+        profile.set_shape(tensor.name, lo, hi, hi)
+    return profile
+
+
 def build_engine(onnx_path: str, engine_path: str, timing_cache_path: str,
-                 workspace_gb: float = 4.0, log_level: str = "warning") -> Dict[str, Any]:
+                 workspace_gb: float = 4.0, log_level: str = "warning",
+                 max_batch: int = 1) -> Dict[str, Any]:
     """Parse onnx_path into a strongly typed network and write the serialized engine.
 
     The timing cache at timing_cache_path is read (if present) and written back after the
@@ -160,6 +176,8 @@ def build_engine(onnx_path: str, engine_path: str, timing_cache_path: str,
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if any(network.get_input(i).shape[0] < 0 for i in range(network.num_inputs)):
+        config.add_optimization_profile(_batch_profile(builder, network, max_batch))
     _use_timing_cache(config, timing_cache_path)
     # Errors logged so far are the cache's (a cache of another TensorRT or GPU, which is then
     # not used): forget them, so that a failed build names its own failing layer.
@@ -195,13 +213,15 @@ def build_engines(export_dir: str, workspace_gb: float = 4.0, log_level: str = "
     import tensorrt as trt
 
     manifest = manifest or load_manifest(export_dir)
+    info = gpu_info()  # before the builds: no GPU, no build
     cache_path = os.path.join(export_dir, TIMING_CACHE)
     written: List[str] = []
     try:
         for onnx_name, engine_name in ENGINES:
             onnx_path = manifest.verify_file(export_dir, onnx_name)
             engine_path = os.path.join(export_dir, engine_name)
-            build_engine(onnx_path, engine_path, cache_path, workspace_gb, log_level)
+            build_engine(onnx_path, engine_path, cache_path, workspace_gb, log_level,
+                         manifest.max_batch)
             written.append(engine_path)
     except BaseException:
         for path in written:
@@ -212,10 +232,10 @@ def build_engines(export_dir: str, workspace_gb: float = 4.0, log_level: str = "
         raise
     for _, engine_name in ENGINES:
         manifest.add_file(export_dir, engine_name)
-    info = gpu_info()
     manifest.tensorrt = {"version": trt.__version__, "gpu": info["gpu"],
                          "compute_capability": info["compute_capability"],
-                         "workspace_gb": workspace_gb, "strongly_typed": True}
+                         "workspace_gb": workspace_gb, "strongly_typed": True,
+                         "max_batch": manifest.max_batch}
     manifest.versions["tensorrt"] = trt.__version__
     manifest.save(export_dir)
     return manifest

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                "an rtsp:// or http:// URL. Frames of video files are named 00000000, 00000001, "
                "... as VSPW's, so `tbn-eval --pred OUT --data ROOT` scores the masks of a "
                "dataset's videos.")
-    p.add_argument("source", metavar="SOURCE", help="video, folder, split list, camera or URL")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="video, folder, split list, camera or URL (several: one after the "
+                        "other, or --streams at once)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the labels")
     p.add_argument("--model", metavar="EXPORT", default=None,
                    help="export folder made by tbn-export (default: the newest of "
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--resume", action="store_true",
                       help="keep the complete labels in --out and do the rest (the feature "
                            "engine still runs on kept frames: the frames after need them)")
+    p.add_argument("--streams", type=int, default=1, metavar="N",
+                   help="run N videos at once, their frames batched through the engines; a "
+                        "video that ends is replaced by the next")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames in all")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_verbosity_flags(p)
@@ -101,6 +106,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging(PROG, args.verbose, args.quiet)
     if args.max_frames is not None and args.max_frames < 1:
         return _fail("--max-frames must be at least 1")
+    if not 1 <= args.streams <= 256:
+        return _fail("--streams must be in 1..256")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return _fail(f"--out {args.out} exists and is not a folder")
 
@@ -134,23 +141,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         _check_writable(os.path.join(args.out, "x"), "--out")
         if args.stats:
             _check_writable(args.stats, "--stats")
-        videos = open_source(args.source)
-        seg = Segmenter(args.model, backend=args.backend, device=args.device)
+        videos = [v for source in args.sources for v in open_source(source)]
+        seg = Segmenter(args.model, backend=args.backend, device=args.device,
+                        streams=args.streams)
         log.info("model %s; backend %s", seg.export, seg.why)
         overlay = None
         if args.overlay:
+            if args.streams > 1:
+                raise StreamError("--overlay draws one video: run with --streams 1")
             sweep_stale(os.path.dirname(os.path.abspath(args.overlay)))
             overlay = OverlayVideo(args.overlay, seg.classes, seg.palette_bgr[:, ::-1])
             overlay.check()
         stats = run_stream(seg, videos, args.out, fmt=args.format, overlay=overlay,
                            resume=args.resume, max_frames=args.max_frames,
                            progress=not (args.no_progress or args.quiet))
-        stats["source"] = args.source
+        stats["sources"] = args.sources
         if args.stats:
             import json
             atomic_write_text(args.stats, json.dumps(stats, indent=2) + "\n")
         print(f"{PROG}: {summary_line(stats, args.out)}")
-        return 0
+        return 1 if stats.get("failed_videos") else 0
     except (SourceError, ManifestError, BackendError, StreamError, OverlayError,
             LockError) as e:
         return _fail(str(e))

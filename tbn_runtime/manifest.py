@@ -21,6 +21,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 FEATURE_DTYPES = ("float32", "float16")
 #: the smallest export side (the graphs pad to a multiple of 32) and a sanity bound on the largest
 MIN_SIDE, MAX_SIDE = 32, 16384
+#: the name of the batch axis (axis 0) of every input and output of the exported graphs
+BATCH_AXIS = "batch"
 #: the largest past offset a runtime accepts: the ring holds max(offset) + 1 features per stream
 MAX_OFFSET = 64
 
@@ -52,6 +54,9 @@ class Manifest:
     past_inputs: List[str] = field(default_factory=list)   # one per offset, same order
     labels_output: str = "labels"
     logits_output: Optional[str] = None                     # present with --logits
+    # every input and output has a batch axis (one frame per stream); TensorRT engines take
+    # 1..max_batch (their optimization profile), the other backends any batch
+    max_batch: int = 1
     # files: name -> {"sha256": ..., "bytes": ...}
     files: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     checkpoint: Dict[str, Any] = field(default_factory=dict)      # {"path", "sha256"}
@@ -181,6 +186,8 @@ def validate(m: Manifest, ring_size: Any = None) -> Optional[str]:
             m.precision == "fp32" and m.feature_dtype != "float32":
         return (f"field 'feature_dtype' {m.feature_dtype!r} does not go with precision "
                 f"{m.precision!r}")
+    if not _is_int(m.max_batch) or not 1 <= m.max_batch <= 256:
+        return bad("max_batch", "an integer in 1..256")
     if m.label_dtype != "uint8":
         return bad("label_dtype", "'uint8'")
     if m.input_format != "uint8 NHWC BGR":

@@ -77,11 +77,13 @@ class Segmenter:
     backend: "auto" (TensorRT, then ONNX Runtime, then PyTorch; any GPU before the CPU), "trt",
     "ort", "torch", or a Backend instance (export and device are then ignored).
     device: "cuda", "cpu" or None for the best one present.
+    streams: how many videos run at once (tbn-run --streams; see tbn_runtime.lanes): each has
+    its own ring, and their frames share the engine calls (`segment_many`).
     Raises ManifestError (a bad export) or BackendError (a backend that cannot run here).
     """
 
     def __init__(self, export: Optional[str] = None, backend: Union[str, Backend] = "auto",
-                 device: Optional[str] = None) -> None:
+                 device: Optional[str] = None, streams: int = 1) -> None:
         if isinstance(backend, Backend):
             self.backend = backend
             self.why = f"{backend.name} as given"
@@ -89,7 +91,7 @@ class Segmenter:
             export = export or default_export()
             manifest = load_manifest(export)
             cls, device, self.why = select_backend(backend, manifest, device, export)
-            self.backend = cls(export, manifest, device)
+            self.backend = cls(export, manifest, device, streams)
         self.manifest = self.backend.manifest
         self.export = self.backend.export_dir
         #: class names by train id, and their colours (BGR) for colorize()
@@ -127,35 +129,43 @@ class Segmenter:
             return frame
         return cv2.resize(frame, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
 
-    def segment(self, frame: np.ndarray) -> np.ndarray:
+    def segment(self, frame: np.ndarray, stream: int = 0) -> np.ndarray:
         """The labels (uint8 train ids, H x W of the frame) of the next frame of the video."""
-        import cv2
-
-        t0 = time.perf_counter()
-        x = self._to_export_size(frame)
-        t1 = time.perf_counter()
-        labels = self.backend.infer(x)
-        t2 = time.perf_counter()
-        h, w = frame.shape[:2]
-        if (h, w) != labels.shape:
-            labels = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
-        self.timings["preprocess"] += t1 - t0
-        self.timings["postprocess"] += time.perf_counter() - t2
-        self.frames["segmented"] += 1
+        labels = self.segment_many([frame], [stream])[0]
+        assert labels is not None
         return labels
 
-    def push(self, frame: np.ndarray) -> None:
+    def push(self, frame: np.ndarray, stream: int = 0) -> None:
         """The next frame, features only: for frames whose labels exist already (resume), so
         that the frames after them still see their past."""
-        t0 = time.perf_counter()
-        x = self._to_export_size(frame)
-        self.timings["preprocess"] += time.perf_counter() - t0
-        self.backend.push(x)
-        self.frames["skipped"] += 1
+        self.segment_many([frame], [stream], [False])
 
-    def reset(self) -> None:
-        """Start a new video: the next frame is frame 0 (its past is itself)."""
-        self.backend.reset()
+    def segment_many(self, frames: Sequence[np.ndarray], streams: Sequence[int],
+                     want: Optional[Sequence[bool]] = None) -> List[Optional[np.ndarray]]:
+        """The next frame of several streams (distinct) at once: one batched engine call for
+        their features, one for the labels of those with want[i] (default: all); the labels of
+        the others are None (features only)."""
+        import cv2
+
+        want = [True] * len(frames) if want is None else list(want)
+        t0 = time.perf_counter()
+        xs = [self._to_export_size(f) for f in frames]
+        t1 = time.perf_counter()
+        out = self.backend.step(xs, streams, want)
+        t2 = time.perf_counter()
+        for i, (frame, labels) in enumerate(zip(frames, out)):
+            if labels is not None and labels.shape != frame.shape[:2]:
+                out[i] = cv2.resize(labels, (frame.shape[1], frame.shape[0]),
+                                    interpolation=cv2.INTER_NEAREST)
+        self.timings["preprocess"] += t1 - t0
+        self.timings["postprocess"] += time.perf_counter() - t2
+        self.frames["segmented"] += sum(want)
+        self.frames["skipped"] += len(want) - sum(want)
+        return out
+
+    def reset(self, stream: int = 0) -> None:
+        """Start a new video on `stream`: the next frame is frame 0 (its past is itself)."""
+        self.backend.reset(stream)
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:
         """BGR colours of labels in this export's palette (ignore, 255, white)."""

@@ -216,10 +216,12 @@ class ReadAhead:
     """
 
     def __init__(self, videos: List[Video], depth: int = 8,
-                 max_frames: Optional[int] = None) -> None:
+                 max_frames: Optional[int] = None,
+                 notify: Optional[threading.Event] = None) -> None:
         self.queue: "queue.Queue[tuple]" = queue.Queue(maxsize=depth)
         self._videos = videos
         self._max_frames = max_frames
+        self._notify = notify  # set after every event: a consumer of several readers waits on it
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="tbn-decoder", daemon=True)
         self.thread.start()
@@ -228,9 +230,11 @@ class ReadAhead:
         while not self._stop.is_set():
             try:
                 self.queue.put(item, timeout=0.1)
-                return True
             except queue.Full:
                 continue
+            if self._notify is not None:
+                self._notify.set()
+            return True
         return False
 
     def _run(self) -> None:

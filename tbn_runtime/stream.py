@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .outputs import MaskOutput
 from .overlay import OverlayError, OverlayVideo
@@ -110,6 +110,80 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
+def plan_videos(videos: List[Video], out: MaskOutput, resume: bool
+                ) -> Tuple[List[Video], List[str]]:
+    """(the videos to stream, the names of those skipped as complete): coco-rle, which writes
+    a video's JSON when it ends, refuses live streams and --resume skips finished videos."""
+    names = [v.name for v in videos]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise StreamError(f"two videos are named {twice[0]}: their labels would go to one "
+                          f"folder; rename one of the sources")
+    if out.format != "coco-rle":
+        return videos, []
+    endless = [v.name for v in videos if v.kind in ("camera", "url")]
+    if endless:
+        raise StreamError(f"--format coco-rle writes one JSON per video when the video ends; "
+                          f"{endless[0]} is a live stream: use --format png or npy")
+    skipped = [v.name for v in videos if resume and out.video_complete(v.name)]
+    return [v for v in videos if v.name not in skipped], skipped
+
+
+class StreamStats:
+    """What a run costs, from the Segmenter's and the writers' counters (see `--stats`)."""
+
+    def __init__(self, seg: Segmenter) -> None:
+        self.seg = seg
+        self.timings0 = dict(seg.timings)
+        self.engine0 = dict(seg.backend.timings)
+        self.frames0 = dict(seg.frames)
+        self.start = time.perf_counter()
+
+    def report(self, fmt: str, frames: int, videos: int, skipped_videos: List[str],
+               writers: Writers, overlay: Optional[OverlayVideo] = None) -> Dict[str, Any]:
+        seg, wall = self.seg, time.perf_counter() - self.start
+        times = {k: seg.timings[k] - self.timings0[k]
+                 for k in ("decode", "preprocess", "postprocess")}
+        for k in ("feature", "temporal"):
+            times[k] = seg.backend.timings[k] - self.engine0[k]
+        times["write"] = writers.seconds
+        inferred = seg.frames["segmented"] - self.frames0["segmented"]
+        resumed = seg.frames["skipped"] - self.frames0["skipped"]
+        engines = times["feature"] + times["temporal"]
+        stats: Dict[str, Any] = {
+            "backend": seg.describe(),
+            "export": os.path.abspath(seg.export) if seg.export else None,
+            "export_size": [seg.height, seg.width],
+            "format": fmt,
+            "streams": seg.backend.streams,
+            "videos": videos,
+            "videos_resumed": len(skipped_videos),
+            "frames": frames,
+            "frames_inferred": inferred,
+            "frames_resumed": resumed,
+            "wall_s": round(wall, 4),
+            "fps": round(frames / wall, 3) if wall > 0 and frames else None,
+            # the engines' own rate: segmented frames over the time of their engine calls
+            # (the feature engine's time on resumed frames is reported apart)
+            "engines_s": round(engines, 4),
+            "engines_fps": round(inferred / engines, 3) if engines > 0 and inferred else None,
+            "resumed_feature_s": round(seg.backend.timings["push"] - self.engine0["push"], 4),
+            "stages": {k: {"total_s": round(v, 4),
+                           "ms_per_frame": round(1e3 * v / frames, 3) if frames else None}
+                       for k, v in times.items()},
+            "stage_threads": {"decode": "decoder threads (overlap)",
+                              "write": "writer pool (overlaps)", "preprocess": "main",
+                              "feature": "main", "temporal": "main", "postprocess": "main"},
+            "max_decode_queue": seg.decode_queue_peak,
+            "max_pending_writes": writers.max_pending_seen,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "overlay": overlay.path if overlay is not None else None,
+        }
+        if engines > 0 and resumed == 0:
+            stats["pipeline_overhead"] = round(wall / engines - 1.0, 4)
+        return stats
+
+
 def run_stream(seg: Segmenter, source: Union[str, Sequence[Video]], out_dir: str, *,
                fmt: str = "png", overlay: Optional[Union[str, OverlayVideo]] = None,
                resume: bool = False, max_frames: Optional[int] = None, progress: bool = True,
@@ -121,6 +195,7 @@ def run_stream(seg: Segmenter, source: Union[str, Sequence[Video]], out_dir: str
     OverlayVideo) for the colour-blended frames with a legend. resume: frames whose labels are
     already complete are not classified again (the feature engine still runs on them: the ring
     needs their features for the frames after; with coco-rle whole complete videos are skipped).
+    A Segmenter of several streams runs that many videos at once (tbn_runtime.lanes).
     Raises SourceError when a video cannot be read (after writing every mask before the failure)
     and StreamError for outputs that cannot be written.
     """
@@ -128,15 +203,14 @@ def run_stream(seg: Segmenter, source: Union[str, Sequence[Video]], out_dir: str
 
     videos = open_source(source) if isinstance(source, (str, os.PathLike)) else list(source)
     out = MaskOutput(out_dir, fmt, seg.classes)
-    skipped_videos: List[str] = []
-    if fmt == "coco-rle":
-        endless = [v.name for v in videos if v.kind in ("camera", "url")]
-        if endless:
-            raise StreamError(f"--format coco-rle writes one JSON per video when the video ends; "
-                              f"{endless[0]} is a live stream: use --format png or npy")
-        if resume:
-            skipped_videos = [v.name for v in videos if out.video_complete(v.name)]
-            videos = [v for v in videos if v.name not in skipped_videos]
+    videos, skipped_videos = plan_videos(videos, out, resume)
+    if seg.backend.streams > 1:
+        if overlay is not None:
+            raise StreamError("--overlay draws one video: run with --streams 1")
+        from .lanes import run_lanes
+        return run_lanes(seg, videos, out, skipped_videos, resume=resume,
+                         max_frames=max_frames, progress=progress, queue_depth=queue_depth,
+                         write_workers=write_workers, max_pending_writes=max_pending_writes)
     if isinstance(overlay, str):
         overlay = OverlayVideo(overlay, seg.classes, seg.palette_bgr[:, ::-1])
     writers = Writers(write_workers, max_pending_writes)
@@ -149,12 +223,9 @@ def run_stream(seg: Segmenter, source: Union[str, Sequence[Video]], out_dir: str
     def skip(video: str, name: str, frame: Any) -> bool:
         return resume and out.frame_complete(video, name, frame.shape[:2])
 
-    timings0 = dict(seg.timings)
-    engine0 = dict(seg.backend.timings)
-    frames0 = dict(seg.frames)
+    stats = StreamStats(seg)
     counts = {"videos": 0, "frames": 0}
     current: Optional[str] = None
-    start = time.perf_counter()
     ok = False
     try:
         for r in seg.stream(videos, skip=skip, max_frames=max_frames, queue_depth=queue_depth):
@@ -190,45 +261,8 @@ def run_stream(seg: Segmenter, source: Union[str, Sequence[Video]], out_dir: str
         finally:
             if overlay is not None:
                 overlay.finish(ok and closed)
-    wall = time.perf_counter() - start
-    times = {k: seg.timings[k] - timings0[k] for k in ("decode", "preprocess", "postprocess")}
-    for k in ("feature", "temporal"):
-        times[k] = seg.backend.timings[k] - engine0[k]
-    times["write"] = writers.seconds
-    inferred = seg.frames["segmented"] - frames0["segmented"]
-    resumed = seg.frames["skipped"] - frames0["skipped"]
-    engines = times["feature"] + times["temporal"]
-    n = counts["frames"]
-    stats: Dict[str, Any] = {
-        "backend": seg.describe(),
-        "export": os.path.abspath(seg.export) if seg.export else None,
-        "export_size": [seg.height, seg.width],
-        "format": fmt,
-        "videos": counts["videos"],
-        "videos_resumed": len(skipped_videos),
-        "frames": n,
-        "frames_inferred": inferred,
-        "frames_resumed": resumed,
-        "wall_s": round(wall, 4),
-        "fps": round(n / wall, 3) if wall > 0 and n else None,
-        # the engines' own rate: segmented frames over the time of their two engine calls
-        # (the feature engine's time on resumed frames is reported apart)
-        "engines_s": round(engines, 4),
-        "engines_fps": round(inferred / engines, 3) if engines > 0 and inferred else None,
-        "resumed_feature_s": round(seg.backend.timings["push"] - engine0["push"], 4),
-        "stages": {k: {"total_s": round(v, 4), "ms_per_frame": round(1e3 * v / n, 3) if n else None}
-                   for k, v in times.items()},
-        "stage_threads": {"decode": "decoder thread (overlaps)", "write": "writer pool (overlaps)",
-                          "preprocess": "main", "feature": "main", "temporal": "main",
-                          "postprocess": "main"},
-        "max_decode_queue": seg.decode_queue_peak,
-        "max_pending_writes": writers.max_pending_seen,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "overlay": overlay.path if overlay is not None else None,
-    }
-    if engines > 0 and resumed == 0:
-        stats["pipeline_overhead"] = round(wall / engines - 1.0, 4)
-    return stats
+    return stats.report(fmt, counts["frames"], counts["videos"], skipped_videos, writers,
+                        overlay)
 
 
 def summary_line(stats: Dict[str, Any], out_dir: str) -> str:
@@ -244,10 +278,13 @@ def summary_line(stats: Dict[str, Any], out_dir: str) -> str:
                if stats.get(k)]
     if resumed:
         text += f", {' and '.join(resumed)} already done"
+    if stats.get("failed_videos"):
+        text += f", {len(stats['failed_videos'])} failed (see above)"
     text += f"; labels in {out_dir}"
     if stats.get("overlay"):
         text += f", overlay {stats['overlay']}"
     return f"{text} [{stats['backend']}]"
 
 
-__all__ = ["run_stream", "summary_line", "Writers", "StreamError", "SourceError", "STAGES"]
+__all__ = ["run_stream", "summary_line", "plan_videos", "StreamStats", "Writers", "StreamError",
+           "SourceError", "STAGES"]

@@ -82,12 +82,13 @@ def test_fp32_graphs_and_manifest(fp32_dir, tiny):
     temp = onnx.load(os.path.join(fp32_dir, "temporal.onnx"))
     onnx.checker.check_model(feat)
     onnx.checker.check_model(temp)
-    assert graph_io(feat) == {"inputs": {"frame": ("uint8", [1, H, W, 3])},
-                              "outputs": {"feature": ("float32", m.feature_shape)}}
+    fshape = ["batch"] + m.feature_shape[1:]  # one frame per stream on the batch axis
+    assert graph_io(feat) == {"inputs": {"frame": ("uint8", ["batch", H, W, 3])},
+                              "outputs": {"feature": ("float32", fshape)}}
     io = graph_io(temp)
     assert list(io["inputs"]) == ["current", "past_3", "past_6", "past_9"]
-    assert all(v == ("float32", m.feature_shape) for v in io["inputs"].values())
-    assert io["outputs"] == {"labels": ("uint8", [1, H, W])}
+    assert all(v == ("float32", fshape) for v in io["inputs"].values())
+    assert io["outputs"] == {"labels": ("uint8", ["batch", H, W])}
     for g in (feat, temp):
         ops = {n.op_type for n in g.graph.node}
         assert not ops & {"Dropout", "BatchNormalization"}
@@ -100,11 +101,25 @@ def test_fp16_graph_io(fp16_dir, tiny):
     assert m.precision == "fp16" and m.feature_dtype == "float16" and m.logits_output == "logits"
     feat = graph_io(onnx.load(os.path.join(fp16_dir, "feature.onnx")))
     temp = graph_io(onnx.load(os.path.join(fp16_dir, "temporal.onnx")))
-    assert feat["inputs"] == {"frame": ("uint8", [1, H, W, 3])}
-    assert feat["outputs"] == {"feature": ("float16", m.feature_shape)}
-    assert all(v == ("float16", m.feature_shape) for v in temp["inputs"].values())
-    assert temp["outputs"] == {"labels": ("uint8", [1, H, W]),
-                               "logits": ("float32", [1, 124, H, W])}
+    assert feat["inputs"] == {"frame": ("uint8", ["batch", H, W, 3])}
+    fshape = ["batch"] + m.feature_shape[1:]
+    assert feat["outputs"] == {"feature": ("float16", fshape)}
+    assert all(v == ("float16", fshape) for v in temp["inputs"].values())
+    assert temp["outputs"] == {"labels": ("uint8", ["batch", H, W]),
+                               "logits": ("float32", ["batch", 124, H, W])}
+
+
+def test_fp16_graphs_take_a_batch_of_streams(fp16_dir, frames):
+    """The fp16 pass keeps the batch axis: two frames in one call give each frame's feature."""
+    import numpy as np
+
+    from tbn_runtime.backends.ort import create_session
+
+    sess = create_session(os.path.join(fp16_dir, "feature.onnx"))
+    both = sess.run(None, {"frame": np.stack(frames[:2])})[0]
+    for i in range(2):
+        alone = sess.run(None, {"frame": frames[i][None]})[0]
+        assert np.array_equal(both[i:i + 1], alone)
 
 
 def test_fp16_keeps_layernorm_softmax_reductions_fp32(fp16_dir):

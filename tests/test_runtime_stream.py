@@ -128,13 +128,14 @@ class FakeBackend(Backend):
                        width=w, mean=[0, 0, 0], std=[1, 1, 1], feature_shape=[1, 1, h, w],
                        feature_dtype="float32", temporal_offsets=[3, 6, 9], precision="fp32")
         super().__init__("", man, "cpu")
-        self._make_ring([np.zeros((h, w), np.float32) for _ in range(man.ring_size)])
+        self._make_rings(lambda: np.zeros((h, w), np.float32))
 
-    def _run_feature(self, frame, slot):
-        slot[...] = frame[0, :, :, 0]
+    def _run_feature(self, frames, slots):
+        for frame, slot in zip(frames, slots):
+            slot[...] = frame[:, :, 0]
 
     def _run_temporal(self, current, past):
-        return (current + sum(past)).astype(np.uint8) % 124
+        return np.stack([(c + sum(p)).astype(np.uint8) % 124 for c, p in zip(current, past)])
 
 
 def _long_stream(n, tmp_path):

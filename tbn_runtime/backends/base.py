@@ -9,7 +9,7 @@ FeatureRing, shared by all; a backend only supplies the slot buffers and the two
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,27 +39,36 @@ class HostClock:
 class Backend:
     """Base class of the backends. Subclasses set `name` and implement the `_` methods.
 
-    Usage: ``b = Cls(export_dir, manifest, device)``; per video ``b.reset()``; per frame
-    ``labels = b.infer(frame)`` with frame uint8 H x W x 3 BGR at the export size
-    (manifest.height x manifest.width), labels uint8 H x W train ids; ``b.close()`` at the end.
-    `push(frame)` runs only the feature engine (to rebuild the ring for frames already done).
+    Usage: ``b = Cls(export_dir, manifest, device, streams=1)``; per video ``b.reset(stream)``;
+    per frame ``labels = b.infer(frame, stream)`` with frame uint8 H x W x 3 BGR at the export
+    size (manifest.height x manifest.width), labels uint8 H x W train ids; ``b.close()`` at the
+    end. `push(frame, stream)` runs only the feature engine (to rebuild the ring for frames
+    already done). Each of the `streams` streams has its own ring of features; `step` runs the
+    current frame of several streams through the feature engine in one batch, then the temporal
+    engine over those of them that want labels (at most `batch_limit` frames per engine call).
     `timings` accumulates seconds spent in the feature and temporal engines of inferred frames
-    and in the feature engine of pushed frames ("push"), measured by
-    `clock`: the host clock, or CUDA events on the device for backends that enqueue work
-    asynchronously (the host clock would charge the feature engine's GPU time to whichever
-    stage first waits for it).
+    and in the feature engine of pushed frames ("push"), measured by `clock`: the host clock, or
+    CUDA events on the device for backends that enqueue work asynchronously (the host clock
+    would charge the feature engine's GPU time to whichever stage first waits for it).
     """
 
     name: ClassVar[str] = "base"
 
-    def __init__(self, export_dir: str, manifest: Manifest, device: str) -> None:
+    def __init__(self, export_dir: str, manifest: Manifest, device: str,
+                 streams: int = 1) -> None:
+        if int(streams) < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
         self.export_dir = export_dir
         self.manifest = manifest
         self.device = device
+        self.streams = int(streams)
+        #: the most frames one engine call takes (the subclass may lower it: a static graph, a
+        #: TensorRT profile)
+        self.batch_limit = self.streams
         self.height, self.width = int(manifest.height), int(manifest.width)
         self.timings: Dict[str, float] = {"feature": 0.0, "temporal": 0.0, "push": 0.0}
         self.frames = 0
-        self.ring: Optional[FeatureRing[Any]] = None
+        self.rings: List[FeatureRing[Any]] = []
         self.clock: Any = HostClock()
 
     # -- what a backend implements ---------------------------------------------------------------
@@ -68,13 +77,14 @@ class Backend:
         """(True, what it will use) or (False, what to install / why not). Never raises."""
         raise NotImplementedError
 
-    def _run_feature(self, frame: np.ndarray, slot: Any) -> None:
-        """Run (or enqueue) the feature engine on frame (uint8 1 x H x W x 3) into `slot`."""
+    def _run_feature(self, frames: np.ndarray, slots: List[Any]) -> None:
+        """Run (or enqueue) the feature engine on frames (uint8 n x H x W x 3): the feature of
+        frame i into ring slot slots[i]."""
         raise NotImplementedError
 
-    def _run_temporal(self, current: Any, past: List[Any]) -> np.ndarray:
-        """Run the temporal engine on the slots; return uint8 H x W labels on the host (so
-        every enqueued work item has finished when it returns)."""
+    def _run_temporal(self, current: List[Any], past: List[List[Any]]) -> np.ndarray:
+        """Run the temporal engine on m streams' slots (current[i] with its past slots past[i]);
+        return uint8 m x H x W labels on the host (so all enqueued work has finished)."""
         raise NotImplementedError
 
     def _synchronize(self) -> None:
@@ -88,20 +98,24 @@ class Backend:
         """Free device memory and engines. Idempotent."""
 
     # -- shared -----------------------------------------------------------------------------------
-    def _make_ring(self, storage: Sequence[Any]) -> FeatureRing[Any]:
-        """The ring over the backend's slot buffers (1 slot for image models)."""
+    def _make_rings(self, make_slot: Callable[[], Any]) -> None:
+        """One ring per stream over slot buffers from make_slot() (1 slot for image models)."""
         offsets = self.offsets or (0,)
-        self.ring = FeatureRing(list(storage), offsets)
-        return self.ring
+        self.rings = [FeatureRing([make_slot() for _ in range(max(offsets) + 1)], offsets)
+                      for _ in range(self.streams)]
+
+    @property
+    def ring(self) -> Optional[FeatureRing[Any]]:
+        """The first stream's ring (the only one of a single-stream backend)."""
+        return self.rings[0] if self.rings else None
 
     @property
     def offsets(self) -> Tuple[int, ...]:
         return tuple(int(k) for k in self.manifest.temporal_offsets)
 
-    def reset(self) -> None:
-        """Start a new video: the next frame is frame 0 (past indices clamp to it)."""
-        assert self.ring is not None, "backend did not create its ring"
-        self.ring.reset()
+    def reset(self, stream: int = 0) -> None:
+        """Start a new video on `stream`: its next frame is frame 0 (past indices clamp to it)."""
+        self.rings[stream].reset()
 
     def _check_frame(self, frame: np.ndarray) -> np.ndarray:
         if (not isinstance(frame, np.ndarray) or frame.dtype != np.uint8
@@ -109,34 +123,48 @@ class Backend:
             got = (getattr(frame, "dtype", type(frame).__name__), getattr(frame, "shape", None))
             raise ValueError(f"{self.name} backend takes uint8 {self.height} x {self.width} x 3 "
                              f"BGR frames (the export size), got {got}")
-        return np.ascontiguousarray(frame)[None]
+        return frame
 
-    def push(self, frame: np.ndarray) -> Any:
-        """Feature engine only: compute frame's feature into the ring; returns the slot."""
-        x = self._check_frame(frame)
-        assert self.ring is not None, "backend did not create its ring"
-        slot = self.ring.write_target()
-        self.clock.mark(0)
-        self._run_feature(x, slot)
-        self.clock.mark(1)
-        self._synchronize()
-        self.timings["push"] += self.clock.seconds(0, 1)
-        return slot
+    def step(self, frames: Sequence[np.ndarray], streams: Sequence[int],
+             classify: Sequence[bool]) -> List[Optional[np.ndarray]]:
+        """The next frame of each of `streams` (distinct) through the feature engine, in
+        batches of at most `batch_limit`; labels (uint8 H x W) for those with classify[i], None
+        for the others (features only: frames whose labels exist, --resume)."""
+        if not len(frames) == len(streams) == len(classify):
+            raise ValueError("step() takes as many frames, streams and classify flags")
+        if len(set(streams)) != len(streams) or not all(0 <= s < self.streams for s in streams):
+            raise ValueError(f"streams must be distinct, in 0..{self.streams - 1}: {streams}")
+        out: List[Optional[np.ndarray]] = [None] * len(frames)
+        for lo in range(0, len(frames), self.batch_limit):
+            idx = range(lo, min(lo + self.batch_limit, len(frames)))
+            batch = np.ascontiguousarray(np.stack([self._check_frame(frames[i]) for i in idx]))
+            slots = [self.rings[streams[i]].write_target() for i in idx]
+            want = [j for j, i in enumerate(idx) if classify[i]]
+            past = [self.rings[streams[idx[j]]].past() if self.offsets else [] for j in want]
+            self.clock.mark(0)
+            self._run_feature(batch, slots)
+            self.clock.mark(1)
+            if not want:
+                self._synchronize()
+                self.timings["push"] += self.clock.seconds(0, 1)
+                continue
+            labels = self._run_temporal([slots[j] for j in want], past)
+            self.clock.mark(2)
+            self.timings["feature"] += self.clock.seconds(0, 1)
+            self.timings["temporal"] += self.clock.seconds(1, 2)
+            for k, j in enumerate(want):
+                out[idx[j]] = labels[k]
+            self.frames += len(want)
+        return out
 
-    def infer(self, frame: np.ndarray) -> np.ndarray:
+    def push(self, frame: np.ndarray, stream: int = 0) -> None:
+        """Feature engine only: compute frame's feature into the stream's ring."""
+        self.step([frame], [stream], [False])
+
+    def infer(self, frame: np.ndarray, stream: int = 0) -> np.ndarray:
         """Feature engine into the write slot, then the temporal engine -> uint8 H x W labels."""
-        x = self._check_frame(frame)
-        assert self.ring is not None, "backend did not create its ring"
-        slot = self.ring.write_target()
-        past = self.ring.past() if self.offsets else []
-        self.clock.mark(0)
-        self._run_feature(x, slot)
-        self.clock.mark(1)
-        labels = self._run_temporal(slot, past)
-        self.clock.mark(2)
-        self.timings["feature"] += self.clock.seconds(0, 1)
-        self.timings["temporal"] += self.clock.seconds(1, 2)
-        self.frames += 1
+        labels = self.step([frame], [stream], [True])[0]
+        assert labels is not None
         return labels
 
     def __enter__(self) -> "Backend":

@@ -8,11 +8,11 @@ never cross to the host; only the frame goes in and the uint8 labels come back.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..manifest import Manifest
+from ..manifest import BATCH_AXIS, Manifest
 from .base import Backend, BackendError, numpy_dtype
 
 _CUDA_EP = "CUDAExecutionProvider"
@@ -29,7 +29,8 @@ def _import_ort():
 
 
 def create_session(path: str, device: str = "cpu", *, spinning: bool = True,
-                   threads: Optional[int] = None, profile_prefix: Optional[str] = None) -> Any:
+                   threads: Optional[int] = None, profile_prefix: Optional[str] = None,
+                   batch: Optional[int] = None) -> Any:
     """The one way tbn-vit opens an ONNX graph in ONNX Runtime: all optimisations on, quiet
     logs, the CUDA provider first on 'cuda' (CPU behind it for the ops CUDA lacks).
 
@@ -38,6 +39,8 @@ def create_session(path: str, device: str = "cpu", *, spinning: bool = True,
     from whatever runs next (the benchmarks interleave rows). threads: intra-op threads
     (default: ONNX Runtime's, one per core). profile_prefix: write ONNX Runtime's JSON profile
     (per-node timings) to files starting with it; `session.end_profiling()` returns the name.
+    batch: pin the graph's batch axis to this size: ONNX Runtime then folds the shape arithmetic
+    of a batch-agnostic graph as for a static one (as fast as a batch-1 export).
     Raises BackendError with ONNX Runtime's first line when the graph cannot be loaded.
     """
     ort = _import_ort()
@@ -52,6 +55,8 @@ def create_session(path: str, device: str = "cpu", *, spinning: bool = True,
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
+    if batch:
+        opts.add_free_dimension_override_by_name(BATCH_AXIS, int(batch))
     providers = [_CUDA_EP, _CPU_EP] if device == "cuda" else [_CPU_EP]
     try:
         return ort.InferenceSession(path, opts, providers=providers)
@@ -77,9 +82,9 @@ class OrtBackend(Backend):
                            f"come from ONNX Runtime's own package feed)")
         return True, f"onnxruntime {ort.__version__} ({_CUDA_EP if device == 'cuda' else _CPU_EP})"
 
-    def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu", *,
-                 spinning: bool = True) -> None:
-        super().__init__(export_dir, manifest, device)
+    def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu",
+                 streams: int = 1, *, spinning: bool = True) -> None:
+        super().__init__(export_dir, manifest, device, streams)
         ok, reason = self.available(device)
         if not ok:
             raise BackendError(reason)
@@ -87,38 +92,78 @@ class OrtBackend(Backend):
         self._ort = ort
         feature_path = manifest.verify_file(export_dir, "feature.onnx")
         temporal_path = manifest.verify_file(export_dir, "temporal.onnx")
-        self.feature_sess = create_session(feature_path, device, spinning=spinning)
-        self.temporal_sess = create_session(temporal_path, device, spinning=spinning)
+        pin = 1 if streams == 1 else None  # one stream: the batch axis is always 1
+        self.feature_sess = create_session(feature_path, device, spinning=spinning, batch=pin)
+        self.temporal_sess = create_session(temporal_path, device, spinning=spinning, batch=pin)
         if device == "cuda" and _CUDA_EP not in self.feature_sess.get_providers():
             raise BackendError("ONNX Runtime did not start the CUDA execution provider (no GPU "
                                "or CUDA/cuDNN libraries missing); use --device cpu")
         self._check_names()
-        dev = "cuda" if device == "cuda" else "cpu"
-        self._dev = dev
-        ov = ort.OrtValue
-
-        fshape = [int(d) for d in manifest.feature_shape]
-        fdtype = numpy_dtype(manifest.feature_dtype)
-        slots = [ov.ortvalue_from_shape_and_type(fshape, fdtype, dev, 0)
-                 for _ in range(manifest.ring_size)]
-        self._make_ring(slots)
-
-        # The frame goes to the device once per frame (update_inplace copies host -> OrtValue);
-        # the labels come back into a host array bound as the temporal output.
-        self._frame = ov.ortvalue_from_shape_and_type([1, self.height, self.width, 3],
-                                                      np.uint8, dev, 0)
-        self._labels_host = np.zeros((1, self.height, self.width), dtype=numpy_dtype(
-            manifest.label_dtype))
-        self._labels = ov.ortvalue_from_numpy(self._labels_host)
-
+        self._dev = "cuda" if device == "cuda" else "cpu"
+        # exports made before the batch axis take one frame per call
+        if self.feature_sess.get_inputs()[0].shape[0] == 1:
+            self.batch_limit = 1
+        if self._dev == "cuda" and self.batch_limit > 1:
+            try:  # batches gather and scatter ring slots on the device with cuda-python
+                from .. import cuda
+                cuda.runtime()
+                self._cuda = cuda
+            except BackendError:
+                self.batch_limit = 1
+        self._fshape = [int(d) for d in manifest.feature_shape][1:]
+        self._fdtype = numpy_dtype(manifest.feature_dtype)
+        self._arrays: Dict[int, np.ndarray] = {}
+        self._make_rings(lambda: self._value(1))
+        self._frames: Dict[int, Any] = {}    # batch size -> frame OrtValue on the device
+        self._labels: Dict[int, Any] = {}    # batch size -> (host array, OrtValue over it)
+        self._staging: Dict[Tuple[str, int], Any] = {}
         self._fio = self.feature_sess.io_binding()
-        self._fio.bind_ortvalue_input(manifest.frame_input, self._frame)
         self._tio = self.temporal_sess.io_binding()
-        self._tio.bind_ortvalue_output(manifest.labels_output, self._labels)
         if manifest.logits_output:
             # not needed for labels; kept on the device so it costs no transfer
-            self._tio.bind_output(manifest.logits_output, dev)
+            self._tio.bind_output(manifest.logits_output, self._dev)
 
+    def _value(self, n: int) -> Any:
+        """An n x C x h x w feature OrtValue on the session's device (a ring slot, or staging).
+        On the CPU it shares its memory with a numpy array (kept in _arrays), so copies between
+        slots and staging are numpy's."""
+        ov = self._ort.OrtValue
+        if self._dev == "cpu":
+            array = np.zeros([n] + self._fshape, self._fdtype)
+            value = ov.ortvalue_from_numpy(array)
+            self._arrays[id(value)] = array
+            return value
+        return ov.ortvalue_from_shape_and_type([n] + self._fshape, self._fdtype, "cuda", 0)
+
+    def _copy_rows(self, pairs: List[Tuple[Any, int, Any, int]]) -> None:
+        """Copy one feature each (dst value, dst row, src value, src row) on the device."""
+        row = int(np.prod(self._fshape)) * self._fdtype.itemsize
+        for dst, i, src, j in pairs:
+            if self._dev == "cpu":
+                np.copyto(self._arrays[id(dst)][i], self._arrays[id(src)][j])
+            else:
+                cudart = self._cuda.runtime()
+                self._cuda.check(cudart.cudaMemcpy(dst.data_ptr() + i * row,
+                                                   src.data_ptr() + j * row, row,
+                                                   cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice),
+                                 "cudaMemcpy (ring slot)")
+
+    def _frame_value(self, n: int) -> Any:
+        if n not in self._frames:
+            self._frames[n] = self._ort.OrtValue.ortvalue_from_shape_and_type(
+                [n, self.height, self.width, 3], np.uint8, self._dev, 0)
+        return self._frames[n]
+
+    def _labels_value(self, n: int) -> Tuple[np.ndarray, Any]:
+        if n not in self._labels:
+            host = np.zeros((n, self.height, self.width), numpy_dtype(self.manifest.label_dtype))
+            self._labels[n] = (host, self._ort.OrtValue.ortvalue_from_numpy(host))
+        return self._labels[n]
+
+    def _stage(self, what: str, n: int) -> Any:
+        if (what, n) not in self._staging:
+            self._staging[(what, n)] = self._value(n)
+        return self._staging[(what, n)]
     def _check_names(self) -> None:
         m = self.manifest
         fin = [i.name for i in self.feature_sess.get_inputs()]
@@ -133,25 +178,43 @@ class OrtBackend(Backend):
                 f"{fin}->{fout}, temporal {tin}->{tout}); export again with tbn-export")
 
     def describe(self) -> str:
+        streams = (f", {self.streams} streams in batches of up to {self.batch_limit}"
+                   if self.streams > 1 else "")
         return (f"ort {self._ort.__version__} on {self.device} "
                 f"({self.feature_sess.get_providers()[0]}, IOBinding, ring of "
-                f"{self.manifest.ring_size} OrtValues on '{self._dev}')")
+                f"{self.manifest.ring_size} OrtValues on '{self._dev}'{streams})")
 
-    def _run_feature(self, frame: np.ndarray, slot: Any) -> None:
-        self._frame.update_inplace(frame)
-        self._fio.bind_ortvalue_output(self.manifest.feature_output, slot)
+    def _run_feature(self, frames: np.ndarray, slots: List[Any]) -> None:
+        n = len(slots)
+        frame = self._frame_value(n)
+        frame.update_inplace(frames)
+        self._fio.bind_ortvalue_input(self.manifest.frame_input, frame)
+        # one frame: straight into its ring slot; a batch: into staging, then to the slots
+        out = slots[0] if n == 1 else self._stage("feature", n)
+        self._fio.bind_ortvalue_output(self.manifest.feature_output, out)
         self.feature_sess.run_with_iobinding(self._fio)
+        if n > 1:
+            self._copy_rows([(slot, 0, out, i) for i, slot in enumerate(slots)])
 
-    def _run_temporal(self, current: Any, past: List[Any]) -> np.ndarray:
-        m = self.manifest
-        self._tio.bind_ortvalue_input(m.current_input, current)
-        for name, value in zip(m.past_inputs, past):
+    def _run_temporal(self, current: List[Any], past: List[List[Any]]) -> np.ndarray:
+        m, man = len(current), self.manifest
+        names = [man.current_input] + list(man.past_inputs)
+        columns = [current] + [[p[k] for p in past] for k in range(len(man.past_inputs))]
+        for name, column in zip(names, columns):
+            if m == 1:
+                value = column[0]
+            else:
+                value = self._stage(name, m)
+                self._copy_rows([(value, i, slot, 0) for i, slot in enumerate(column)])
             self._tio.bind_ortvalue_input(name, value)
+        host, labels = self._labels_value(m)
+        self._tio.bind_ortvalue_output(man.labels_output, labels)
         self.temporal_sess.run_with_iobinding(self._tio)
-        return self._labels_host[0].copy()
+        return host.copy()
 
     def close(self) -> None:
-        for attr in ("_fio", "_tio", "feature_sess", "temporal_sess", "_frame", "_labels"):
+        self.rings = []
+        for attr in ("_fio", "_tio", "feature_sess", "temporal_sess", "_frames", "_labels",
+                     "_staging", "_arrays"):
             if hasattr(self, attr):
                 delattr(self, attr)
-        self.ring = None

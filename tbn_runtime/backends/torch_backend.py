@@ -9,8 +9,8 @@ if capture fails. On the CPU: plain eager. torch and tbn_train are imported only
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
@@ -20,6 +20,7 @@ from ..manifest import Manifest
 from ..preprocess import MEAN_RGB, STD_RGB
 from .base import Backend, BackendError
 
+log = logging.getLogger("tbn_runtime")
 _INSTALL = "pip install 'tbn-vit[train]' (torch and timm)"
 
 
@@ -74,8 +75,8 @@ class TorchBackend(Backend):
         return True, "PyTorch"
 
     def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu",
-                 cuda_graphs: bool = True) -> None:
-        super().__init__(export_dir, manifest, device)
+                 streams: int = 1, cuda_graphs: bool = True) -> None:
+        super().__init__(export_dir, manifest, device, streams)
         ok, reason = self.available(device)
         if not ok:
             raise BackendError(reason)
@@ -96,8 +97,7 @@ class TorchBackend(Backend):
         self.autocast = device == "cuda" and manifest.precision == "fp16"
         fdtype = torch.float16 if self.autocast else torch.float32
         shape = tuple(int(d) for d in manifest.feature_shape)
-        self._make_ring([torch.zeros(shape, dtype=fdtype, device=self.dev)
-                         for _ in range(manifest.ring_size)])
+        self._make_rings(lambda: torch.zeros(shape, dtype=fdtype, device=self.dev))
         self._mean = torch.tensor(MEAN_RGB, dtype=torch.float32, device=self.dev).view(1, 3, 1, 1)
         self._std = torch.tensor(STD_RGB, dtype=torch.float32, device=self.dev).view(1, 3, 1, 1)
         self._graphs: Optional[Tuple[Any, ...]] = None
@@ -112,12 +112,11 @@ class TorchBackend(Backend):
                 self._graphs = None
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
                 self.graph_note = "eager (CUDA graph capture failed)"
-                print(f"tbn-run: CUDA graph capture failed ({first}); running eager",
-                      file=sys.stderr)
+                log.warning("CUDA graph capture failed (%s); running eager", first)
 
     # -- the two halves, in torch ---------------------------------------------------------------
     def _features(self, frame_u8: Any) -> Any:
-        """uint8 1 x H x W x 3 BGR tensor -> feature (normalised exactly as normalize_bgr)."""
+        """uint8 n x H x W x 3 BGR tensor -> features (normalised exactly as normalize_bgr)."""
         x = frame_u8.flip(-1).permute(0, 3, 1, 2).float()
         x = (x - self._mean) / self._std
         with self._torch.autocast("cuda", dtype=self._torch.float16, enabled=self.autocast):
@@ -132,7 +131,7 @@ class TorchBackend(Backend):
         torch = self._torch
         n_past = len(self.offsets)
         s_frame = torch.zeros((1, self.height, self.width, 3), dtype=torch.uint8, device=self.dev)
-        s_cur = torch.zeros_like(self.ring.storage[0])
+        s_cur = torch.zeros_like(self.ring.storage[0])  # graphs: one frame (one stream) a call
         s_past = [torch.zeros_like(s_cur) for _ in range(n_past)]
 
         def capture(fn: Callable[[], Any]) -> Tuple[Any, Any]:
@@ -153,34 +152,39 @@ class TorchBackend(Backend):
 
     def describe(self) -> str:
         amp = ", fp16 autocast" if self.autocast else ""
+        streams = f", {self.streams} streams batched" if self.streams > 1 else ""
         return (f"torch {self._torch.__version__} on {self.device} ({self.graph_note}{amp}, "
-                f"ring of {self.manifest.ring_size} tensors)")
+                f"ring of {self.manifest.ring_size} tensors{streams})")
 
-    def _run_feature(self, frame: np.ndarray, slot: Any) -> None:
+    def _run_feature(self, frames: np.ndarray, slots: List[Any]) -> None:
         torch = self._torch
         with torch.inference_mode():
-            x = torch.from_numpy(frame)
-            if self._graphs is not None:
+            x = torch.from_numpy(frames)
+            if self._graphs is not None and len(slots) == 1:
                 s_frame, g_feat, s_feat = self._graphs[:3]
                 s_frame.copy_(x, non_blocking=False)
                 g_feat.replay()
-                slot.copy_(s_feat)
-            else:
-                slot.copy_(self._features(x.to(self.dev)))
+                out = s_feat
+            else:  # eager for batches (the graphs are captured for one frame)
+                out = self._features(x.to(self.dev))
+            for i, slot in enumerate(slots):
+                slot.copy_(out[i:i + 1])
 
-    def _run_temporal(self, current: Any, past: List[Any]) -> np.ndarray:
+    def _run_temporal(self, current: List[Any], past: List[List[Any]]) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            if self._graphs is not None:
+            if self._graphs is not None and len(current) == 1:
                 s_cur, s_past, g_temp, s_labels = self._graphs[3:]
-                s_cur.copy_(current)
-                for dst, src in zip(s_past, past):
+                s_cur.copy_(current[0])
+                for dst, src in zip(s_past, past[0]):
                     dst.copy_(src)
                 g_temp.replay()
                 labels = s_labels
             else:
-                labels = self._labels(current, past)
-            return labels[0].cpu().numpy()
+                cur = torch.cat(current)
+                columns = [torch.cat([p[k] for p in past]) for k in range(len(self.offsets))]
+                labels = self._labels(cur, columns)
+            return labels.cpu().numpy()
 
     def _synchronize(self) -> None:
         if self.device == "cuda":
@@ -189,4 +193,4 @@ class TorchBackend(Backend):
     def close(self) -> None:
         self._graphs = None
         self.model = None
-        self.ring = None
+        self.rings = []

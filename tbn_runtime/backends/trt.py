@@ -64,8 +64,9 @@ class TrtBackend(Backend):
             return False, "no CUDA device found"
         return True, f"TensorRT {trt.__version__}"
 
-    def __init__(self, export_dir: str, manifest: Manifest, device: str = "cuda") -> None:
-        super().__init__(export_dir, manifest, device)
+    def __init__(self, export_dir: str, manifest: Manifest, device: str = "cuda",
+                 streams: int = 1) -> None:
+        super().__init__(export_dir, manifest, device, streams)
         ok, reason = self.available(device)
         if not ok:
             raise BackendError(reason)
@@ -124,16 +125,23 @@ class TrtBackend(Backend):
             raise BackendError(f"TensorRT could not deserialize {path}; {_REBUILD}")
         return engine
 
-    def _tensor(self, engine: Any, name: str) -> Tuple[Tuple[int, ...], np.dtype]:
+    def _tensor(self, engine: Any, name: str) -> Tuple[Tuple[int, ...], np.dtype, int]:
+        """(the shape of one frame's tensor, its dtype, the most frames the engine takes)."""
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         if name not in names:
             raise BackendError(f"engine in {self.export_dir} has no tensor '{name}' (has "
                                f"{names}); {_REBUILD}")
         shape = tuple(int(d) for d in engine.get_tensor_shape(name))
-        if any(d < 0 for d in shape):
-            raise BackendError(f"tensor '{name}' has a dynamic shape {shape}; the runtime needs "
-                               f"static engines: {_REBUILD}")
-        return shape, np.dtype(self._trt.nptype(engine.get_tensor_dtype(name)))
+        if any(d < 0 for d in shape[1:]):
+            raise BackendError(f"tensor '{name}' has a dynamic shape {shape} beyond its batch "
+                               f"axis; {_REBUILD}")
+        most = shape[0]
+        if most < 0:  # the batch axis: its optimization profile says how many frames fit
+            if engine.get_tensor_mode(name) == self._trt.TensorIOMode.INPUT:
+                most = int(engine.get_tensor_profile_shape(name, 0)[2][0])
+            else:
+                most = 1 << 30  # outputs follow the inputs
+        return (1,) + shape[1:], np.dtype(self._trt.nptype(engine.get_tensor_dtype(name))), most
 
     def _malloc(self, nbytes: int) -> int:
         ptr = int(cuda.check(self._cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
@@ -144,60 +152,97 @@ class TrtBackend(Backend):
         m, cudart = self.manifest, self._cudart
         self.stream = cuda.check(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.clock = cuda.EventClock(self.stream)
-        fshape, fdtype = self._tensor(self.feature_engine, m.feature_output)
+        fshape, fdtype, _ = self._tensor(self.feature_engine, m.feature_output)
         if list(fshape) != [int(d) for d in m.feature_shape] or fdtype != numpy_dtype(
                 m.feature_dtype):
             raise BackendError(f"feature engine output {fshape} {fdtype} differs from the "
                                f"manifest; {_REBUILD}")
+        in_shape, _, most = self._tensor(self.feature_engine, m.frame_input)
+        for name in [m.current_input] + list(m.past_inputs):
+            most = min(most, self._tensor(self.temporal_engine, name)[2])
+        self.batch_limit = max(1, min(self.streams, most))
+        n = self.batch_limit
         self._slot_bytes = int(np.prod(fshape)) * fdtype.itemsize
-        self._make_ring([self._malloc(self._slot_bytes) for _ in range(m.ring_size)])
+        self._make_rings(lambda: self._malloc(self._slot_bytes))
+        # a batch goes through staging buffers, copied to and from the ring slots on the device
+        self._staging = {name: self._malloc(n * self._slot_bytes)
+                         for name in ([m.feature_output, m.current_input] + list(m.past_inputs)
+                                      if n > 1 else [])}
 
-        in_shape, _ = self._tensor(self.feature_engine, m.frame_input)
-        self._frame_host = _Pinned(in_shape, np.dtype(np.uint8))
+        self._frame_host = _Pinned((n,) + in_shape[1:], np.dtype(np.uint8))
         self._pinned.append(self._frame_host)
         self._frame_dev = self._malloc(self._frame_host.nbytes)
         self._bind(self.feature_ctx, m.frame_input, self._frame_dev)
 
-        lshape, ldtype = self._tensor(self.temporal_engine, m.labels_output)
-        self._labels_host = _Pinned(lshape, ldtype)
+        lshape, ldtype, _ = self._tensor(self.temporal_engine, m.labels_output)
+        self._labels_host = _Pinned((n,) + lshape[1:], ldtype)
         self._pinned.append(self._labels_host)
         self._labels_dev = self._malloc(self._labels_host.nbytes)
         self._bind(self.temporal_ctx, m.labels_output, self._labels_dev)
         if m.logits_output:
-            shape, dtype = self._tensor(self.temporal_engine, m.logits_output)
+            shape, dtype, _ = self._tensor(self.temporal_engine, m.logits_output)
             self._bind(self.temporal_ctx, m.logits_output,
-                       self._malloc(int(np.prod(shape)) * dtype.itemsize))
+                       self._malloc(n * int(np.prod(shape)) * dtype.itemsize))
         self._gpu = cuda.gpu_info()
+
+    def _shape(self, ctx: Any, engine: Any, name: str, n: int) -> None:
+        """Tell a context with a batch axis how many frames come (static engines: nothing)."""
+        shape = tuple(int(d) for d in engine.get_tensor_shape(name))
+        if shape[0] < 0 and not ctx.set_input_shape(name, (n,) + shape[1:]):
+            raise BackendError(f"TensorRT refused a batch of {n} for '{name}' (its profile "
+                               f"takes 1..{self.batch_limit}); {_REBUILD}")
+
+    def _copy(self, dst: int, src: int, nbytes: int) -> None:
+        cudart = self._cudart
+        cuda.check(cudart.cudaMemcpyAsync(dst, src, nbytes,
+                                          cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                                          self.stream), "cudaMemcpyAsync (ring slot)")
 
     def describe(self) -> str:
         name, cc = self._gpu
+        streams = (f", {self.streams} streams in batches of up to {self.batch_limit}"
+                   if self.streams > 1 else "")
         return (f"trt {self._trt.__version__} on {name} (sm {cc}), ring of "
-                f"{self.manifest.ring_size} device buffers")
+                f"{self.manifest.ring_size} device buffers{streams}")
 
-    def _run_feature(self, frame: np.ndarray, slot: Any) -> None:
-        cudart, s = self._cudart, self.stream
-        np.copyto(self._frame_host.array, frame.reshape(self._frame_host.array.shape))
-        cuda.check(cudart.cudaMemcpyAsync(self._frame_dev, self._frame_host.ptr,
-                                          self._frame_host.nbytes,
+    def _run_feature(self, frames: np.ndarray, slots: List[Any]) -> None:
+        cudart, s, m, n = self._cudart, self.stream, self.manifest, len(slots)
+        host = self._frame_host.array[:n]
+        np.copyto(host, frames)
+        cuda.check(cudart.cudaMemcpyAsync(self._frame_dev, self._frame_host.ptr, host.nbytes,
                                           cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, s),
-                   "cudaMemcpyAsync (frame to device)")
-        self._bind(self.feature_ctx, self.manifest.feature_output, slot)
+                   "cudaMemcpyAsync (frames to device)")
+        self._shape(self.feature_ctx, self.feature_engine, m.frame_input, n)
+        # one frame: straight into its ring slot; a batch: into staging, then to the slots
+        out = slots[0] if n == 1 else self._staging[m.feature_output]
+        self._bind(self.feature_ctx, m.feature_output, out)
         if not self.feature_ctx.execute_async_v3(int(s)):
             raise BackendError("TensorRT feature engine failed to enqueue")
+        if n > 1:
+            for i, slot in enumerate(slots):
+                self._copy(int(slot), out + i * self._slot_bytes, self._slot_bytes)
 
-    def _run_temporal(self, current: Any, past: List[Any]) -> np.ndarray:
-        cudart, s, m = self._cudart, self.stream, self.manifest
-        self._bind(self.temporal_ctx, m.current_input, current)
-        for name, ptr in zip(m.past_inputs, past):
-            self._bind(self.temporal_ctx, name, ptr)
+    def _run_temporal(self, current: List[Any], past: List[List[Any]]) -> np.ndarray:
+        cudart, s, m, n = self._cudart, self.stream, self.manifest, len(current)
+        names = [m.current_input] + list(m.past_inputs)
+        columns = [current] + [[p[k] for p in past] for k in range(len(m.past_inputs))]
+        for name, column in zip(names, columns):
+            self._shape(self.temporal_ctx, self.temporal_engine, name, n)
+            if n == 1:
+                self._bind(self.temporal_ctx, name, column[0])
+                continue
+            staging = self._staging[name]
+            for i, slot in enumerate(column):
+                self._copy(staging + i * self._slot_bytes, int(slot), self._slot_bytes)
+            self._bind(self.temporal_ctx, name, staging)
         if not self.temporal_ctx.execute_async_v3(int(s)):
             raise BackendError("TensorRT temporal engine failed to enqueue")
-        cuda.check(cudart.cudaMemcpyAsync(self._labels_host.ptr, self._labels_dev,
-                                          self._labels_host.nbytes,
+        host = self._labels_host.array[:n]
+        cuda.check(cudart.cudaMemcpyAsync(self._labels_host.ptr, self._labels_dev, host.nbytes,
                                           cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, s),
                    "cudaMemcpyAsync (labels to host)")
         self._synchronize()
-        return self._labels_host.array.reshape(self.height, self.width).copy()
+        return host.reshape(n, self.height, self.width).copy()
 
     def _synchronize(self) -> None:
         cuda.check(self._cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
@@ -222,4 +267,4 @@ class TrtBackend(Backend):
         if self.stream is not None:
             cudart.cudaStreamDestroy(self.stream)
             self.stream = None
-        self.ring = None
+        self.rings = []
