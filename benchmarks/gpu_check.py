@@ -16,9 +16,11 @@ Steps, each a subprocess with its own timeout so that a hang costs one step, not
                backend with CUDA graphs), ONNX Runtime if its CUDA provider loads, TensorRT if
                installed, tbn-run end to end when an ort/trt row ran; every row's labels compared
                with naive fp32 (the "labels =" column)
-The markdown table goes to stdout; everything lands in --out: gpu_check.json (rewritten after
+  4. streams   benchmarks/streams.py: frames/s of 1, 2, 4, 8 streams batched on the GPU (PyTorch
+               fp16, and ONNX Runtime / TensorRT where present)
+The markdown tables go to stdout; everything lands in --out: gpu_check.json (rewritten after
 every step, so a run cut short still returns what it finished), pytest.txt, latency.json,
-latency.md, latency.png. The exit code is 0 when every step finished with exit code 0 (pytest's
+latency.md, latency.png, streams.json, streams.md. The exit code is 0 when every step finished with exit code 0 (pytest's
 5, "no tests selected", counts as 0).
 """
 
@@ -106,6 +108,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=470, help="seconds for the whole check "
                                                              "(default: %(default)s)")
     p.add_argument("--pytest-timeout", type=float, default=150)
+    p.add_argument("--streams-seconds", type=float, default=90,
+                   help="seconds kept for the streams step (default: %(default)s)")
     p.add_argument("--no-pytest", action="store_true")
     p.add_argument("--wheels", metavar="DIR",
                    help="install these wheels offline first (scripts/gpu_wheels.sh makes DIR)")
@@ -162,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         rows = args.rows or (GPU_ROWS if args.device == "cuda" else CPU_ROWS)
         lat_json = os.path.join(args.out, "latency.json")
-        timeout = max(left() - 5, 10)
+        timeout = max(left() - 5 - args.streams_seconds, 10)
         # latency.py's budget covers its exports, engine builds and timing; the margin lets it
         # write its report before this step's own timeout would kill it.
         cmd = [py, os.path.join(HERE, "latency.py"), "--model", args.model, "--size", args.size,
@@ -171,10 +175,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                os.path.join(args.out, "latency.png"),
                "--time-budget", f"{max(timeout - 30, 5):.0f}"]
         step = run_step("latency", cmd, timeout, os.path.join(args.out, "latency.log"), env)
+        report["steps"].append(step)
+        save()
+        streams_json = os.path.join(args.out, "streams.json")
+        cmd = [py, os.path.join(HERE, "streams.py"), "--model", args.model, "--size", args.size,
+               "--device", args.device, "--steps", "5", "--warmup", "2", "--json", streams_json]
+        streams = run_step("streams", cmd, max(left() - 5, 10),
+                           os.path.join(args.out, "streams.md"), env)
+        report["steps"].append(streams)
     finally:
         if site:
             shutil.rmtree(site, ignore_errors=True)
-    report["steps"].append(step)
+    if os.path.isfile(streams_json):
+        with open(streams_json) as f:
+            report["streams"] = json.load(f)
     if os.path.isfile(lat_json):
         with open(lat_json) as f:
             report["latency"] = json.load(f)
@@ -183,6 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(os.path.join(args.out, "latency.md"), "w") as f:
             f.write(table + "\n")
         print(table, flush=True)
+    if os.path.isfile(os.path.join(args.out, "streams.md")):
+        with open(os.path.join(args.out, "streams.md")) as f:
+            print(f.read().split("--- stderr ---")[0].strip(), flush=True)
     save()
     ok = all(s["rc"] in (0, 5) if s["step"] == "pytest" else s["rc"] == 0
              for s in report["steps"])

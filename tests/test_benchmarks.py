@@ -306,10 +306,25 @@ def test_gpu_check_on_cpu(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["passed"] is True and report["device"] == "cpu"
-    assert [s["step"] for s in report["steps"]] == ["latency"]
+    assert [s["step"] for s in report["steps"]] == ["latency", "streams"]
+    assert report["streams"]["rows"][0]["counts"]["8"]["frames_per_s"] > 0
     assert report["steps"][0]["rc"] == 0 and report["steps"][0]["timed_out"] is False
     rows = {r["row"]: r for r in report["latency"]["rows"]}
     assert list(rows) == ["naive", "ring"]
     assert all(rows[n]["median_ms"] > 0 for n in rows)
     assert (out / "latency.json").is_file() and _is_png(out / "latency.png")
     assert "PyTorch naive" in (out / "latency.md").read_text()
+    assert "| naive" not in r.stdout and "PyTorch naive" in r.stdout  # the tables on stdout
+    assert "8 streams" in r.stdout
+
+
+def test_streams_benchmark_batches_what_it_says(tmp_path):
+    import streams
+    out = tmp_path / "streams.json"
+    assert streams.main(["--size", "64x96", "--counts", "1,3", "--steps", "1", "--warmup", "0",
+                         "--json", str(out)]) == 0
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
+    for name in ("ort", "torch"):
+        counts = rows[name]["counts"]
+        assert counts["1"]["speedup"] == 1.0 and counts["1"]["batch_limit"] == 1
+        assert counts["3"]["batch_limit"] == 3 and counts["3"]["frames_per_s"] > 0
