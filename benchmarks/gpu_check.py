@@ -20,8 +20,8 @@ Steps, each a subprocess with its own timeout so that a hang costs one step, not
                fp16, and ONNX Runtime / TensorRT where present)
 The markdown tables go to stdout; everything lands in --out: gpu_check.json (rewritten after
 every step, so a run cut short still returns what it finished), pytest.txt, latency.json,
-latency.md, latency.png, streams.json, streams.md. The exit code is 0 when every step finished with exit code 0 (pytest's
-5, "no tests selected", counts as 0).
+latency.md, latency.png, streams.json, streams.md. The exit code is 0 when every step finished
+with exit code 0 (pytest's 5, "no tests selected", counts as 0).
 """
 
 from __future__ import annotations

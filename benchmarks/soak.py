@@ -118,8 +118,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                       f"(frame {args.warmup})"],
                 ["largest RSS after warm-up", f"{summary['rss_peak_after_warmup_mb']:.1f} MB"],
                 ["RSS at the end", f"{summary['rss_end_mb']:.1f} MB"],
-                ["growth after warm-up", f"{100 * summary['growth']:+.2f}% (goal < "
-                                         f"{100 * GOAL:.0f}%: {'met' if summary['met'] else 'NOT met'})"]]
+                ["growth after warm-up",
+                 f"{100 * summary['growth']:+.2f}% (goal < {100 * GOAL:.0f}%: "
+                 f"{'met' if summary['met'] else 'NOT met'})"]]
         print(f"Soak: {stats['backend']}\nMachine: {common.machine_line(report['machine'])}\n")
         print(common.markdown_table(["", "value"], rows))
         if args.json:

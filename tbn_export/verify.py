@@ -20,7 +20,6 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from tbn_runtime.manifest import Manifest, load_manifest
-from tbn_runtime.preprocess import normalize_bgr
 from tbn_runtime.temporal import FeatureRing
 from tbn_train.data.synth import synthetic_frames  # noqa: F401  (--verify's default frames)
 

@@ -105,3 +105,15 @@ def dead_pid() -> int:
     p = subprocess.Popen(["true"])
     p.wait()
     return p.pid
+
+
+def one_line_error(r, *needles: str) -> str:
+    """Assert a tbn-run CompletedProcess failed with one `tbn-run: error:` line holding each of
+    needles and no traceback; returns the line."""
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("tbn-run: error:")]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime_helpers import EXPORT_H, EXPORT_W, get_export, synthetic_frames
+from runtime_helpers import EXPORT_H, EXPORT_W, synthetic_frames
 from tbn_runtime.backends import BackendError, backend_class
 from tbn_runtime.manifest import load_manifest
 
@@ -45,11 +45,6 @@ def _ort_cuda_reason():
 needs_trt = pytest.mark.skipif(_trt_reason() is not None, reason=str(_trt_reason()))
 needs_ort_cuda = pytest.mark.skipif(_ort_cuda_reason() is not None,
                                     reason=str(_ort_cuda_reason()))
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return get_export(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from runtime_helpers import get_export, synthetic_frames, tbn_run, write_video
+from runtime_helpers import synthetic_frames, tbn_run, write_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return get_export(tmp_path_factory)
 
 
 def test_runtime_install_without_torch_streams_a_video(export_dir, tmp_path):

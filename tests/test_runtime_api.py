@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 
 import cv2
 import numpy as np
 import pytest
 
-from runtime_helpers import (EXPORT_H, EXPORT_W, decode, get_export, reference_labels,
+from runtime_helpers import (decode, reference_labels,
                              synthetic_frames, tbn_run, write_video)
 from tbn_runtime import rle
 
 SRC_H, SRC_W = 72, 104   # not the export size
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return get_export(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from runtime_helpers import EXPORT_H, EXPORT_W, get_export, reference_labels, synthetic_frames
+from runtime_helpers import EXPORT_H, EXPORT_W, reference_labels, synthetic_frames
 from tbn_runtime.backends import BackendError, backend_class, select_backend
 from tbn_runtime.backends.base import Backend
 from tbn_runtime.manifest import ManifestError, load_manifest
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return get_export(tmp_path_factory)
 
 
 def _two_videos():

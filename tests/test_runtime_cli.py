@@ -10,28 +10,13 @@ import sys
 import cv2
 import pytest
 
-from runtime_helpers import get_export, synthetic_frames, tbn_run, write_video
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return get_export(tmp_path_factory)
+from runtime_helpers import one_line_error, synthetic_frames, tbn_run, write_video
 
 
 @pytest.fixture(scope="module")
 def good_video(tmp_path_factory):
     d = tmp_path_factory.mktemp("good")
     return write_video(str(d / "good.mp4"), synthetic_frames(4, 48, 64))
-
-
-def _one_line_error(r, *needles):
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("tbn-run: error:")]
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def test_import_and_help_without_torch():
@@ -51,28 +36,28 @@ def test_import_and_help_without_torch():
 
 
 def test_missing_file(export_dir, tmp_path):
-    _one_line_error(tbn_run(str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "o"),
+    one_line_error(tbn_run(str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "o"),
                             "--model", export_dir), "no such file")
 
 
 def test_not_a_video(export_dir, tmp_path):
     p = tmp_path / "notes.mp4"
     p.write_text("this is text, not a video\n")
-    _one_line_error(tbn_run(str(p), "--out", str(tmp_path / "o"), "--model", export_dir),
+    one_line_error(tbn_run(str(p), "--out", str(tmp_path / "o"), "--model", export_dir),
                     "not a video")
 
 
 def test_empty_videos(export_dir, tmp_path):
     p = tmp_path / "zero.mp4"
     p.write_bytes(b"")
-    _one_line_error(tbn_run(str(p), "--out", str(tmp_path / "o"), "--model", export_dir),
+    one_line_error(tbn_run(str(p), "--out", str(tmp_path / "o"), "--model", export_dir),
                     "empty")
     q = str(tmp_path / "noframes.mp4")        # a container with no frames in it
     cv2.VideoWriter(q, cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48)).release()
-    _one_line_error(tbn_run(q, "--out", str(tmp_path / "o2"), "--model", export_dir))
+    one_line_error(tbn_run(q, "--out", str(tmp_path / "o2"), "--model", export_dir))
     d = tmp_path / "emptydir"
     d.mkdir()
-    _one_line_error(tbn_run(str(d), "--out", str(tmp_path / "o3"), "--model", export_dir),
+    one_line_error(tbn_run(str(d), "--out", str(tmp_path / "o3"), "--model", export_dir),
                     "holds no videos")
 
 
@@ -82,7 +67,7 @@ def test_truncated_video_keeps_what_was_written(export_dir, tmp_path):
     cut = tmp_path / "cut.avi"
     cut.write_bytes(data[:int(len(data) * 0.6)])
     out = tmp_path / "o"
-    line = _one_line_error(tbn_run(str(cut), "--out", str(out), "--model", export_dir),
+    line = one_line_error(tbn_run(str(cut), "--out", str(out), "--model", export_dir),
                            "breaks off at frame", "truncated")
     n = int(line.split("breaks off at frame ")[1].split()[0])
     assert 0 < n < 30
@@ -90,19 +75,19 @@ def test_truncated_video_keeps_what_was_written(export_dir, tmp_path):
 
 
 def test_camera_that_does_not_open(export_dir, tmp_path):
-    _one_line_error(tbn_run("57", "--out", str(tmp_path / "o"), "--model", export_dir),
+    one_line_error(tbn_run("57", "--out", str(tmp_path / "o"), "--model", export_dir),
                     "camera 57 does not open")
 
 
 def test_manifest_missing_and_newer(good_video, export_dir, tmp_path):
-    _one_line_error(tbn_run(good_video, "--out", str(tmp_path / "o"), "--model",
+    one_line_error(tbn_run(good_video, "--out", str(tmp_path / "o"), "--model",
                             str(tmp_path)), "manifest.json")
     newer = tmp_path / "newer"
     shutil.copytree(export_dir, newer)
     data = json.load(open(newer / "manifest.json"))
     data["format_version"] = 99
     json.dump(data, open(newer / "manifest.json", "w"))
-    _one_line_error(tbn_run(good_video, "--out", str(tmp_path / "o"), "--model", str(newer)),
+    one_line_error(tbn_run(good_video, "--out", str(tmp_path / "o"), "--model", str(newer)),
                     "newer")
 
 
@@ -111,14 +96,14 @@ def test_onnx_sha256_mismatch(good_video, export_dir, tmp_path):
     shutil.copytree(export_dir, bad)
     with open(bad / "feature.onnx", "r+b") as f:
         f.truncate(1000)
-    _one_line_error(tbn_run(good_video, "--out", str(tmp_path / "o"), "--model", str(bad),
+    one_line_error(tbn_run(good_video, "--out", str(tmp_path / "o"), "--model", str(bad),
                             "--backend", "ort"), "sha256")
 
 
 def test_backend_not_installed(good_video, export_dir, tmp_path):
-    _one_line_error(tbn_run(good_video, "--out", str(tmp_path / "o"), "--model", export_dir,
+    one_line_error(tbn_run(good_video, "--out", str(tmp_path / "o"), "--model", export_dir,
                             "--backend", "torch"), "tbn-vit[train]")
-    _one_line_error(tbn_run(good_video, "--out", str(tmp_path / "o"), "--model", export_dir,
+    one_line_error(tbn_run(good_video, "--out", str(tmp_path / "o"), "--model", export_dir,
                             "--backend", "trt"), "--engine-only")
 
 
@@ -127,7 +112,7 @@ def test_output_folder_with_masks_refused(good_video, export_dir, tmp_path):
     r = tbn_run(good_video, "--out", str(out), "--model", export_dir, "--max-frames", "2")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out / "good")) == ["00000000.png", "00000001.png"]
-    _one_line_error(tbn_run(good_video, "--out", str(out), "--model", export_dir),
+    one_line_error(tbn_run(good_video, "--out", str(out), "--model", export_dir),
                     "already holds labels", "--overwrite")
     r = tbn_run(good_video, "--out", str(out), "--model", export_dir, "--overwrite")
     assert r.returncode == 0, r.stderr

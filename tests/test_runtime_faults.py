@@ -14,30 +14,16 @@ import time
 import numpy as np
 import pytest
 
-from runtime_helpers import NO_TORCH, dead_pid, get_export, synthetic_frames, tbn_run, write_video
+from runtime_helpers import (NO_TORCH, dead_pid, one_line_error, synthetic_frames, tbn_run,
+                             write_video)
 from tbn_runtime.files import FolderLock
 from tbn_runtime.masks import read_label_png
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return get_export(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory):
     d = tmp_path_factory.mktemp("faults")
     return write_video(str(d / "cam.mp4"), synthetic_frames(6, 48, 64, seed=4))
-
-
-def _one_line_error(r, *needles):
-    assert r.returncode != 0, r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("tbn-run: error:")]
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 # -- the manifest is validated at load --------------------------------------------------------------
@@ -74,7 +60,7 @@ def test_a_bad_manifest_is_one_line_naming_the_field(export_dir, video, tmp_path
     data = json.loads((bad / "manifest.json").read_text())
     edit(data)
     (bad / "manifest.json").write_text(json.dumps(data))
-    line = _one_line_error(tbn_run(video, "--out", str(tmp_path / "o"), "--model", str(bad)),
+    line = one_line_error(tbn_run(video, "--out", str(tmp_path / "o"), "--model", str(bad)),
                            needle, "export again")
     assert "manifest.json" in line
     assert not (tmp_path / "o").exists()  # nothing written, not even an empty folder
@@ -86,17 +72,17 @@ def test_outputs_are_checked_before_the_first_frame(export_dir, video, tmp_path)
     blocker.write_text("a file, not a folder")
     out = tmp_path / "o"
     # an overlay under a file: the reason is the path, not a missing codec
-    line = _one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir,
+    line = one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir,
                                    "--overlay", str(blocker / "ov.mp4")), "overlay")
     assert "codec" not in line and "encoder" not in line
-    _one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir,
+    one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir,
                             "--overlay", str(tmp_path / "ov.gif")), ".mp4")
-    _one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir,
+    one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir,
                             "--stats", str(blocker / "s.json")), "--stats", "cannot write")
     assert not out.exists()  # refused before any mask
-    _one_line_error(tbn_run(video, "--out", str(blocker), "--model", export_dir),
+    one_line_error(tbn_run(video, "--out", str(blocker), "--model", export_dir),
                     "not a folder")
-    _one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir, "--max-frames",
+    one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir, "--max-frames",
                             "0"), "--max-frames")
 
 
@@ -104,7 +90,7 @@ def test_outputs_are_checked_before_the_first_frame(export_dir, video, tmp_path)
 def test_a_second_run_into_the_same_folder_is_refused(export_dir, video, tmp_path):
     out = tmp_path / "o"
     with FolderLock(str(out), "tbn-run other.mp4 --out o"):
-        line = _one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir),
+        line = one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir),
                                "in use by", f"pid {os.getpid()}", "other.mp4")
         assert "choose another output folder" in line
     # released (or its holder dead): the next run takes the folder
@@ -121,7 +107,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(export_dir, video, tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        _one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir), "in use by")
+        one_line_error(tbn_run(video, "--out", str(out), "--model", export_dir), "in use by")
         holder.kill()  # SIGKILL: no clean-up, the lock file stays behind
         holder.wait()
         assert os.path.exists(out / FolderLock.NAME)

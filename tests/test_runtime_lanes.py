@@ -9,16 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from runtime_helpers import (EXPORT_H, EXPORT_W, get_export, synthetic_frames, tbn_run,
+from runtime_helpers import (EXPORT_H, EXPORT_W, synthetic_frames, tbn_run,
                              write_video)
 from tbn_runtime.backends import backend_class
 from tbn_runtime.manifest import load_manifest
 from tbn_runtime.masks import read_label_png
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return get_export(tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", ["ort", "torch"])

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime_helpers import (decode, get_export, reference_labels, synthetic_frames, tbn_run,
+from runtime_helpers import (decode, reference_labels, synthetic_frames, tbn_run,
                              write_video)
 from tbn_runtime.backends import backend_class
 from tbn_runtime.backends.base import Backend
@@ -18,11 +18,6 @@ from tbn_runtime.sources import Video
 from tbn_runtime.stream import run_stream
 
 SRC_H, SRC_W = 72, 104   # not the export size: the stream resizes in and out
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return get_export(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

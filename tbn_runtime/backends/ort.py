@@ -78,8 +78,8 @@ class OrtBackend(Backend):
         if device == "cuda" and _CUDA_EP not in providers:
             return False, (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
                            f"(providers: {', '.join(providers)}); for CUDA: pip uninstall -y "
-                           f"onnxruntime && pip install 'tbn-vit[gpu-cu12]' (CUDA 12; CUDA 13 builds "
-                           f"come from ONNX Runtime's own package feed)")
+                           f"onnxruntime && pip install 'tbn-vit[gpu-cu12]' (CUDA 12; CUDA 13 "
+                           f"builds come from ONNX Runtime's own package feed)")
         return True, f"onnxruntime {ort.__version__} ({_CUDA_EP if device == 'cuda' else _CPU_EP})"
 
     def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu",
@@ -171,8 +171,8 @@ class OrtBackend(Backend):
         tin = [i.name for i in self.temporal_sess.get_inputs()]
         tout = [o.name for o in self.temporal_sess.get_outputs()]
         want_tin = [m.current_input] + list(m.past_inputs)
-        if (fin != [m.frame_input] or m.feature_output not in fout or sorted(tin) != sorted(want_tin)
-                or m.labels_output not in tout or len(m.past_inputs) != len(m.temporal_offsets)):
+        if (fin != [m.frame_input] or m.feature_output not in fout
+                or sorted(tin) != sorted(want_tin) or m.labels_output not in tout or len(m.past_inputs) != len(m.temporal_offsets)):
             raise BackendError(
                 f"the ONNX files in {self.export_dir} do not match its manifest (feature "
                 f"{fin}->{fout}, temporal {tin}->{tout}); export again with tbn-export")
