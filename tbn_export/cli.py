@@ -3,6 +3,7 @@ feature.engine / temporal.engine where TensorRT is present).
 
     tbn-export [--checkpoint runs/tbn/best.safetensors] [--out runs/tbn/export] [--fp16]
                [--height H --width W] [--logits] [--verify [--video FILE]] [--overwrite]
+    tbn-export --int8 --calib SOURCE [--calib-frames 64] [--verify] ...   # Q/DQ feature graph
     tbn-export --engine-only --out DIR      # engines for an existing export, on the target GPU
 
 The export is made in a temporary directory beside --out and renamed into place: the directory
@@ -44,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"export directory (default {DEFAULT_OUT})")
     p.add_argument("--fp16", action="store_true",
                    help="fp16 graphs (LayerNorm, Softmax, reductions stay fp32); fp16 features")
+    p.add_argument("--int8", action="store_true",
+                   help="INT8 feature graph (explicit Q/DQ, calibrated on --calib); the "
+                        "temporal graph stays fp32")
+    p.add_argument("--calib", default=None, metavar="SOURCE",
+                   help="frames to calibrate --int8 on: a video, a folder of videos, frame "
+                        "folders or images, a VSPW root or split list (ROOT/train.txt)")
+    p.add_argument("--calib-frames", type=int, default=None,
+                   help="calibration frames (default 64, every 5th frame of up to that many "
+                        "videos)")
+    p.add_argument("--calib-method", default=None, choices=("minmax", "entropy", "percentile"),
+                   help="how activation ranges are set from the calibration (default minmax)")
     p.add_argument("--height", type=int, default=None,
                    help="export height (default: the checkpoint config's eval_size, else its "
                         f"crop_size, else {DEFAULT_SIZE[0]})")
@@ -158,6 +170,31 @@ def _engine_only(args) -> int:
     return 0
 
 
+def _check_int8_args(args) -> None:
+    """--int8 needs --calib; the calibration flags need --int8; INT8 is made from fp32."""
+    calib_flags = [f for f, v in (("--calib", args.calib), ("--calib-frames", args.calib_frames),
+                                  ("--calib-method", args.calib_method)) if v is not None]
+    if not args.int8:
+        if calib_flags:
+            raise UsageError(f"{', '.join(calib_flags)} only apply to --int8")
+        return
+    if args.fp16:
+        raise UsageError("--int8 and --fp16 exclude each other: the INT8 feature graph is "
+                         "quantized from fp32 (its temporal graph stays fp32); choose one")
+    if args.calib is None:
+        raise UsageError("--int8 needs --calib SOURCE: frames to calibrate on (a video, a "
+                         "folder of videos or images, or a VSPW root, e.g. --calib data/synth)")
+    if not os.path.exists(args.calib):
+        raise UsageError(f"calibration source not found: {args.calib}")
+    if args.calib_frames is None:
+        from .int8 import DEFAULT_CALIB_FRAMES
+        args.calib_frames = DEFAULT_CALIB_FRAMES
+    if args.calib_frames < 1:
+        raise UsageError(f"--calib-frames must be >= 1, got {args.calib_frames}")
+    if args.calib_method is None:
+        args.calib_method = "minmax"
+
+
 def _export(args) -> int:
     from tbn_train.checkpoint import load_model
 
@@ -175,10 +212,20 @@ def _export(args) -> int:
         raise UsageError(f"video not found: {args.video}")
     if args.workspace_gb <= 0:
         raise UsageError(f"--workspace-gb must be positive, got {args.workspace_gb}")
+    _check_int8_args(args)
 
     model, meta = load_model(args.checkpoint)
     height, width, source = _export_size(args, meta)
     height, width = check_export_size(height, width)
+    calib = None
+    if args.int8:
+        from .int8 import read_calibration
+
+        held_out = args.verify_frames if args.verify and not args.video else 0
+        calib = read_calibration(args.calib, args.calib_frames, height, width, held_out)
+        if held_out and not calib.held_out:
+            raise UsageError(f"--calib {args.calib} leaves no frames that calibration did not "
+                             f"see for --verify; pass --video FILE (frames to verify on)")
     out = os.path.abspath(args.out)
     replacing = _check_out_dir(out, model.model_name, args.overwrite)
 
@@ -190,6 +237,12 @@ def _export(args) -> int:
         t0 = time.perf_counter()
         manifest = export_onnx(model, tmp, height, width, fp16=args.fp16, logits=args.logits,
                                checkpoint_path=args.checkpoint)
+        if calib is not None:
+            from .int8 import quantize_export
+
+            manifest = quantize_export(tmp, calib, args.calib_method)
+            print(f"quantized {FEATURE_ONNX} to INT8 (Q/DQ) on {len(calib.frames)} frames of "
+                  f"{len(calib.videos)} video(s) from {args.calib}")
         t_export = time.perf_counter() - t0
         print(f"exported {manifest.model} ({manifest.precision}) at {height}x{width} (size from "
               f"{source}) in {t_export:.1f} s: {FEATURE_ONNX} "
@@ -203,6 +256,9 @@ def _export(args) -> int:
             if args.video:
                 frames = video_frames(args.video, args.verify_frames, height, width)
                 what = f"{len(frames)} frames of {args.video}"
+            elif calib is not None:
+                frames = calib.held_out
+                what = f"{len(frames)} held-out frames of {calib.held_out_from}"
             else:
                 frames = synthetic_frames(args.verify_frames, height, width)
                 what = f"{len(frames)} synthetic frames"
@@ -243,6 +299,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from tbn_train.checkpoint import CheckpointError
     from tbn_train.models import BackboneError
 
+    from .int8 import Int8Error
     from .onnx_export import ExportError
     from .verify import VerifyError
 
@@ -254,7 +311,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         print(f"tbn-export: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, BackboneError, ExportError, ManifestError, VerifyError,
+    except (CheckpointError, BackboneError, ExportError, ManifestError, VerifyError, Int8Error,
             OSError) as e:
         first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         print(f"tbn-export: {first}", file=sys.stderr)

@@ -35,7 +35,7 @@ class Manifest:
     feature_shape: List[int]         # 1 x C x h x w
     feature_dtype: str               # "float32" or "float16"
     temporal_offsets: List[int]      # e.g. [3, 6, 9]; [] for image models
-    precision: str                   # "fp32" or "fp16"
+    precision: str                   # "fp32", "fp16" or "int8" (Q/DQ feature graph)
     label_dtype: str = "uint8"       # dtype of the per-pixel train ids the temporal engine emits
     input_format: str = "uint8 NHWC BGR"  # the frame as OpenCV decodes it
     # tensor names
@@ -50,6 +50,8 @@ class Manifest:
     checkpoint: Dict[str, Any] = field(default_factory=dict)      # {"path", "sha256"}
     versions: Dict[str, Optional[str]] = field(default_factory=dict)  # torch, onnx, tensorrt...
     tensorrt: Optional[Dict[str, Any]] = None   # {"version", "gpu", "compute_capability"}
+    # int8: the quantizer, its settings and the calibration (source, frame count)
+    quantization: Optional[Dict[str, Any]] = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
