@@ -13,6 +13,8 @@ Rows (choose with --only; default: every row that can run here):
   ring-fp16   the same with fp16 autocast (--device cuda)
   ort         ONNX Runtime, fp32 export, through the runtime's ort backend (IOBinding ring)
   ort-fp16    ONNX Runtime, fp16 export
+  ort-int8    ONNX Runtime, INT8 export (Q/DQ feature graph, fp32 temporal graph); made on the
+              fly: calibrated on --calib (default: synthetic frames of another seed)
   trt         TensorRT, fp16 engines (the runtime's trt backend), where TensorRT is installed
   trt-fp32    TensorRT, fp32 engines
   tbn-run     the runtime's whole stream (decode a video written with cv2, infer, write PNG masks)
@@ -49,10 +51,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from paths import (  # noqa: E402
-    BenchError, Skip, Source, make_source, BackendPath, cuda_sync, build_path, engine_export)
+    BenchError, Skip, Source, make_source, BackendPath, cuda_sync, build_path, engine_export,
+    row_precision)
 
-ROWS = ("naive", "naive-fp16", "ring", "ring-fp16", "ort", "ort-fp16", "trt", "trt-fp32",
-        "tbn-run")
+ROWS = ("naive", "naive-fp16", "ring", "ring-fp16", "ort", "ort-fp16", "ort-int8", "trt",
+        "trt-fp32", "tbn-run")
 LABELS = {
     "naive": "PyTorch naive (backbone x4)",
     "naive-fp16": "PyTorch naive fp16 (backbone x4)",
@@ -60,6 +63,7 @@ LABELS = {
     "ring-fp16": "PyTorch ring fp16",
     "ort": "ONNX Runtime fp32",
     "ort-fp16": "ONNX Runtime fp16",
+    "ort-int8": "ONNX Runtime int8",
     "trt": "TensorRT fp16",
     "trt-fp32": "TensorRT fp32",
     "tbn-run": "tbn-run end to end",
@@ -90,6 +94,17 @@ def synth_frames(height: int, width: int, n: int, seed: int) -> List[np.ndarray]
     h2, w2 = height + height % 2, width + width % 2  # make_video wants even sizes
     imgs, _ = make_video(np.random.default_rng(seed), h2, w2, n, classes=5)
     return [np.ascontiguousarray(f[:height, :width]) for f in imgs]
+
+
+def calibration(args: argparse.Namespace, src: Source) -> Any:
+    """Calibration frames for the ort-int8 row: --calib, else a synthetic video of another
+    seed than the timed frames."""
+    from tbn_export.int8 import CalibrationFrames, read_calibration
+    if args.calib:
+        return read_calibration(args.calib, args.calib_frames, src.height, src.width)
+    frames = synth_frames(src.height, src.width, args.calib_frames, args.seed + 1)
+    return CalibrationFrames(frames, f"tbn_train.data.synth video (seed {args.seed + 1})",
+                             ["synthetic"])
 
 
 def run_rows(rows: Sequence[str], src: Source, device: str, frames: List[np.ndarray],
@@ -213,14 +228,14 @@ def run_tbn_run(res: Dict[str, Any], results: List[Dict[str, Any]], src: Source,
     import cv2
     from tbn_runtime.sources import open_source
     from tbn_runtime.stream import run_stream
-    cands = [r for r in results if r["row"] in ("ort", "ort-fp16", "trt", "trt-fp32")
+    cands = [r for r in results if r["row"] in ("ort", "ort-fp16", "ort-int8", "trt", "trt-fp32")
              and r.get("median_ms")]
     if not cands:
         res["skipped"] = "no ort/trt row ran, so there is no backend to stream with"
         return
     best = min(cands, key=lambda r: r["median_ms"])
     backend = "trt" if best["row"].startswith("trt") else "ort"
-    precision = "fp32" if best["row"] in ("ort", "trt-fp32") else "fp16"
+    precision = row_precision(best["row"])
     export = (engine_export(src, precision) if backend == "trt"
               else src.export_dir(precision, device))
     from tbn_runtime.manifest import load_manifest
@@ -342,6 +357,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, help="stop timing after this many seconds "
                                                      "(the frames done so far are reported)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib", help="calibration source for the ort-int8 row's export (a video, "
+                                   "folder or VSPW split list; default: synthetic frames)")
+    p.add_argument("--calib-frames", type=int, default=32,
+                   help="calibration frames for the ort-int8 row (default: %(default)s)")
     p.add_argument("--ort-spinning", action="store_true",
                    help="leave ONNX Runtime's spin-waiting threads on (off by default: they "
                         "slow down the rows interleaved with them)")
@@ -386,6 +405,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t_start = time.time()
         load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
         src = make_source(args, tmp)
+        src.calibration = lambda: calibration(args, src)
         frames = synth_frames(src.height, src.width, args.warmup + args.frames, args.seed)
         results = run_rows([r for r in args.rows], src, args.device, frames, args.warmup,
                            args.time_budget)
@@ -403,6 +423,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    for k, v in src.exports.items()},
                        "export_seconds": src.export_seconds, "schedule": "interleaved",
                        "ort_spinning": bool(args.ort_spinning),
+                       "int8_calibration": {"source": args.calib or "synthetic",
+                                            "frames": args.calib_frames},
                        "rows": args.rows},
             "machine": common.machine_info(),
             "load_average": {"start": load0, "end": os.getloadavg() if load0 else None},

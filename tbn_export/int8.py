@@ -27,7 +27,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence
 
 import numpy as np
 import onnx
@@ -102,22 +102,23 @@ def read_calibration(source: str, n: int, height: int, width: int,
     try:
         for v in videos:
             taken = 0
-            it = v.frames()
-            for i, (_, frame) in enumerate(it):
-                if taken < quota and len(frames) < n:
-                    if i % CALIB_STRIDE == 0:
-                        frames.append(_resized(frame, height, width))
-                        taken += 1
-                    continue
-                if holdout_video is None and held_out and v is videos[-1] and len(rest) < held_out:
-                    rest.append(_resized(frame, height, width))
-                    continue
-                break
+            with contextlib.closing(v.frames()) as it:  # closes the decoder when done early
+                for i, (_, frame) in enumerate(it):
+                    if taken < quota and len(frames) < n:
+                        if i % CALIB_STRIDE == 0:
+                            frames.append(_resized(frame, height, width))
+                            taken += 1
+                    elif (holdout_video is None and held_out and v is videos[-1]
+                          and len(rest) < held_out):
+                        rest.append(_resized(frame, height, width))
+                    else:
+                        break
             if taken:
                 names.append(v.name)
         if holdout_video is not None:
-            for _, frame in _first(holdout_video.frames(), held_out):
-                rest.append(_resized(frame, height, width))
+            with contextlib.closing(holdout_video.frames()) as it:
+                for _, (_, frame) in zip(range(held_out), it):
+                    rest.append(_resized(frame, height, width))
     except SourceError as e:
         raise Int8Error(f"cannot read calibration source {source}: {e}") from None
     if not frames:
@@ -142,13 +143,6 @@ def _source_videos(source: str) -> list:
                               f"(a VSPW split list belongs in the VSPW root)")
         return listed
     return open_source(source)
-
-
-def _first(it: Iterator, n: int) -> Iterator:
-    for i, item in enumerate(it):
-        if i >= n:
-            return
-        yield item
 
 
 # -- quantization --------------------------------------------------------------------------------
