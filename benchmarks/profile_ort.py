@@ -5,7 +5,8 @@
 
 Each export's feature and temporal graphs run in ONNX Runtime on the CPU (the one session
 factory, with profiling on) over a synthetic video, chained through a feature ring as the
-runtime chains them; the first --warmup frames are run but not counted. From the JSON profile
+runtime chains them, the exports interleaved frame by frame; the first --warmup frames are run
+but not counted. From the JSON profile
 ONNX Runtime writes, the kernel time of every node is summed per op type (after ONNX Runtime's
 fusions, so the names are the kernels that ran: MatMulIntegerToFloat, QLinearConv, Gelu, ...).
 Reported per graph: wall-clock median per frame, and the op types with their ms per frame and
@@ -53,48 +54,66 @@ def op_times(profile_path: str, skip_runs: int) -> Dict[str, Dict[str, float]]:
     return dict(out)
 
 
-def profile_export(export_dir: str, frames: Sequence[np.ndarray], warmup: int, tmp: str,
-                   threads: Optional[int] = None) -> Dict[str, Any]:
-    """Run both graphs over the frames (ring-chained) with profiling; per-graph results."""
-    from tbn_runtime.backends.ort import create_session
-    from tbn_runtime.manifest import load_manifest
-    from tbn_runtime.temporal import FeatureRing
+class Profiled:
+    """Both graphs of one export in profiling sessions, chained through a feature ring."""
 
-    m = load_manifest(export_dir)
-    prefix = os.path.join(tmp, f"{m.precision}-")
-    sess = {g: create_session(m.verify_file(export_dir, f"{g}.onnx"), threads=threads,
-                              profile_prefix=prefix + g) for g in GRAPHS}
-    ring = None
-    if m.temporal_offsets:
-        ring = FeatureRing([np.zeros(m.feature_shape, np.dtype(m.feature_dtype))
-                            for _ in range(m.ring_size)], m.temporal_offsets)
-    wall: Dict[str, List[float]] = {g: [] for g in GRAPHS}
-    for i, frame in enumerate(frames):
-        frame = frame[:m.height, :m.width]
+    def __init__(self, export_dir: str, tmp: str, index: int, threads: Optional[int] = None):
+        from tbn_runtime.backends.ort import create_session
+        from tbn_runtime.manifest import load_manifest
+        from tbn_runtime.temporal import FeatureRing
+
+        self.export_dir = export_dir
+        self.m = m = load_manifest(export_dir)
+        prefix = os.path.join(tmp, f"{index}-{m.precision}-")
+        # no spinning: the exports take turns on the same cores (as in latency.py)
+        self.sess = {g: create_session(m.verify_file(export_dir, f"{g}.onnx"), spinning=False,
+                                       threads=threads, profile_prefix=prefix + g)
+                     for g in GRAPHS}
+        self.ring = None
+        if m.temporal_offsets:
+            self.ring = FeatureRing([np.zeros(m.feature_shape, np.dtype(m.feature_dtype))
+                                     for _ in range(m.ring_size)], m.temporal_offsets)
+        self.wall: Dict[str, List[float]] = {g: [] for g in GRAPHS}
+
+    def step(self, frame: np.ndarray, timed: bool) -> None:
+        m = self.m
         t0 = time.perf_counter()
-        (feat,) = sess["feature"].run([m.feature_output], {m.frame_input: frame[None]})
+        (feat,) = self.sess["feature"].run([m.feature_output], {m.frame_input: frame[None]})
         t1 = time.perf_counter()
         feed = {m.current_input: feat}
-        if ring is not None:
-            ring.write_target()[...] = feat
-            feed.update(zip(m.past_inputs, ring.past()))
-        sess["temporal"].run([m.labels_output], feed)
-        t2 = time.perf_counter()
-        if i >= warmup:
-            wall["feature"].append(t1 - t0)
-            wall["temporal"].append(t2 - t1)
-    n = len(frames) - warmup
-    result: Dict[str, Any] = {"export": export_dir, "precision": m.precision, "model": m.model,
-                              "height": m.height, "width": m.width, "frames": n, "graphs": {}}
-    for g in GRAPHS:
-        ops = op_times(sess[g].end_profiling(), warmup)
-        total = sum(v["us"] for v in ops.values()) or 1.0
-        result["graphs"][g] = {
-            "median_ms": 1000 * float(np.median(wall[g])),
-            "ops": {op: {"ms_per_frame": v["us"] / 1000 / n, "share": v["us"] / total,
-                         "nodes_per_frame": v["nodes"] / n}
-                    for op, v in sorted(ops.items(), key=lambda kv: -kv[1]["us"])}}
-    return result
+        if self.ring is not None:
+            self.ring.write_target()[...] = feat
+            feed.update(zip(m.past_inputs, self.ring.past()))
+        self.sess["temporal"].run([m.labels_output], feed)
+        if timed:
+            self.wall["feature"].append(t1 - t0)
+            self.wall["temporal"].append(time.perf_counter() - t1)
+
+    def result(self, warmup: int) -> Dict[str, Any]:
+        m, n = self.m, len(self.wall["feature"])
+        out: Dict[str, Any] = {"export": self.export_dir, "precision": m.precision,
+                               "model": m.model, "height": m.height, "width": m.width,
+                               "frames": n, "graphs": {}}
+        for g in GRAPHS:
+            ops = op_times(self.sess[g].end_profiling(), warmup)
+            total = sum(v["us"] for v in ops.values()) or 1.0
+            out["graphs"][g] = {
+                "median_ms": 1000 * float(np.median(self.wall[g])),
+                "ops": {op: {"ms_per_frame": v["us"] / 1000 / n, "share": v["us"] / total,
+                             "nodes_per_frame": v["nodes"] / n}
+                        for op, v in sorted(ops.items(), key=lambda kv: -kv[1]["us"])}}
+        return out
+
+
+def profile_exports(dirs: Sequence[str], frames: Sequence[np.ndarray], warmup: int, tmp: str,
+                    threads: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Every export over the same frames, interleaved frame by frame (so a change in the
+    machine's load hits all alike); per export and graph: wall median and time per op type."""
+    runs = [Profiled(d, tmp, i, threads) for i, d in enumerate(dirs)]
+    for i, frame in enumerate(frames):
+        for r in runs:
+            r.step(frame, timed=i >= warmup)
+    return [r.result(warmup) for r in runs]
 
 
 def table(results: Sequence[Dict[str, Any]], top: int) -> str:
@@ -131,6 +150,14 @@ def table(results: Sequence[Dict[str, Any]], top: int) -> str:
     return "\n\n".join(out)
 
 
+def _manifest(export_dir: str) -> Any:
+    from tbn_runtime.manifest import ManifestError, load_manifest
+    try:
+        return load_manifest(export_dir)
+    except ManifestError as e:
+        raise BenchError(str(e)) from None
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="profile_ort.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -165,22 +192,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tmp = tempfile.mkdtemp(prefix="tbn-profile-")
     try:
         load0 = os.getloadavg()
-        src = make_source(args, tmp)
-        src.calibration = lambda: calibration(args, src)
-        if args.export:
+        if args.export:  # any exports of one model and size, two of a precision allowed
             dirs = [d for d in args.export.split(",") if d]
+            first = _manifest(dirs[0])
+            name, height, width = first.model, first.height, first.width
+            for d in dirs[1:]:
+                m = _manifest(d)
+                if (m.model, m.height, m.width) != (name, height, width):
+                    raise BenchError(f"exports differ: {dirs[0]} is {name} {height}x{width}, "
+                                     f"{d} is {m.model} {m.height}x{m.width}")
         else:
+            src = make_source(args, tmp)
+            src.calibration = lambda: calibration(args, src)
             dirs = [src.export_dir(p.strip(), "cpu") for p in args.precisions.split(",")
                     if p.strip()]
-        frames = synth_frames(src.height, src.width, args.warmup + args.frames, args.seed)
-        results = [profile_export(d, frames, args.warmup, tmp, args.threads) for d in dirs]
+            name, height, width = src.model_name, src.height, src.width
+        frames = synth_frames(height, width, args.warmup + args.frames, args.seed)
+        results = profile_exports(dirs, frames, args.warmup, tmp, args.threads)
         report = {"benchmark": "profile_ort", "config": vars(args) | {"size": list(args.size)},
                   "machine": common.machine_info(),
                   "load_average": {"start": load0, "end": os.getloadavg()},
                   "command": " ".join(["python", "benchmarks/profile_ort.py"] + list(
                       argv if argv is not None else sys.argv[1:])),
                   "results": results}
-        print(f"ONNX Runtime profile per op type, {src.model_name} at {src.height}x{src.width}, "
+        print(f"ONNX Runtime profile per op type, {name} at {height}x{width}, "
               f"{args.frames} frames after {args.warmup} warm-up; load average "
               f"{load0[0]:.1f} -> {report['load_average']['end'][0]:.1f}\n"
               f"Machine: {common.machine_line(report['machine'])}\n")
