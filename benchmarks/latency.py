@@ -338,15 +338,36 @@ def plot(path: str, report: Dict[str, Any]) -> None:
         annotate=[f"{r['median_ms']:.0f} ms\n{r.get('speedup', 1):.2f}x" for r in rows])
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="latency.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[1:]))
-    p.add_argument("--export", help="tbn-export output dir(s), comma-separated (fp32 and/or fp16)")
+def model_arguments(p: argparse.ArgumentParser, export_help: str) -> None:
+    """The flags that choose the model (make_source reads them): --export, or --model and
+    --size with random weights (--seed), and the calibration of an int8 export made on the fly."""
+    p.add_argument("--export", help=export_help)
     p.add_argument("--model", default="tbn_swin_t", help="registry name for random weights "
                                                          "(default: %(default)s)")
     p.add_argument("--size", default="480x480", help="HEIGHTxWIDTH with --model "
                                                      "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib", help="calibration source for an int8 export made on the fly (a "
+                                   "video, folder or VSPW split list; default: synthetic frames)")
+    p.add_argument("--calib-frames", type=int, default=32,
+                   help="calibration frames of that export (default: %(default)s)")
+
+
+def check_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """--size parsed to (height, width); --frames >= 1, --warmup >= 0 (else p.error)."""
+    try:
+        a.size = common.parse_size(a.size)
+    except ValueError as e:
+        p.error(str(e))
+    if a.frames < 1 or a.warmup < 0:
+        p.error("--frames must be >= 1 and --warmup >= 0")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="latency.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.split("\n")[1:]))
+    model_arguments(p, "tbn-export output dir(s), comma-separated (one per precision)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--frames", type=int, default=20, help="timed frames (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed frames first (default: "
@@ -356,11 +377,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--time-budget", type=float, help="stop timing after this many seconds "
                                                      "(the frames done so far are reported)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calib", help="calibration source for the ort-int8 row's export (a video, "
-                                   "folder or VSPW split list; default: synthetic frames)")
-    p.add_argument("--calib-frames", type=int, default=32,
-                   help="calibration frames for the ort-int8 row (default: %(default)s)")
     p.add_argument("--ort-spinning", action="store_true",
                    help="leave ONNX Runtime's spin-waiting threads on (off by default: they "
                         "slow down the rows interleaved with them)")
@@ -368,12 +384,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--plot", help="write a bar chart (PNG) here")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary exports")
     a = p.parse_args(argv)
-    try:
-        a.size = common.parse_size(a.size)
-    except ValueError as e:
-        p.error(str(e))
-    if a.frames < 1 or a.warmup < 0:
-        p.error("--frames must be >= 1 and --warmup >= 0")
+    check_arguments(p, a)
     rows = list(ROWS)
     if a.only:
         rows = [r.strip() for r in a.only.split(",") if r.strip()]

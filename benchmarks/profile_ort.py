@@ -31,7 +31,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from latency import calibration, synth_frames  # noqa: E402
+from latency import (  # noqa: E402
+    calibration, check_arguments, model_arguments, synth_frames)
 from paths import BenchError, Skip, make_source  # noqa: E402
 
 GRAPHS = ("feature", "temporal")
@@ -162,10 +163,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="profile_ort.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[1:]))
-    p.add_argument("--export", help="export dirs, comma-separated (any precisions)")
-    p.add_argument("--model", default="tbn_swin_t", help="registry name for random weights "
-                                                         "(default: %(default)s)")
-    p.add_argument("--size", default="480x480", help="HEIGHTxWIDTH (default: %(default)s)")
+    model_arguments(p, "export dirs, comma-separated (any precisions, two of one allowed)")
     p.add_argument("--precisions", default="fp32,int8",
                    help="exports to make with --model (default: %(default)s)")
     p.add_argument("--frames", type=int, default=5, help="profiled frames (default: "
@@ -173,17 +171,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="frames run first, not counted")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
     p.add_argument("--top", type=int, default=12, help="op types listed per graph")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calib", help="calibration source for the int8 export made with --model")
-    p.add_argument("--calib-frames", type=int, default=32)
     p.add_argument("--json", help="write the results (with machine and load) here")
     a = p.parse_args(argv)
-    try:
-        a.size = common.parse_size(a.size)
-    except ValueError as e:
-        p.error(str(e))
-    if a.frames < 1 or a.warmup < 0:
-        p.error("--frames must be >= 1 and --warmup >= 0")
+    check_arguments(p, a)
     return a
 
 
