@@ -27,8 +27,8 @@ from tbn_runtime.temporal import FeatureRing, clip_indices
 #: minimum share of pixels whose labels must agree with PyTorch, per export precision.
 LABEL_AGREEMENT = {"fp32": 0.999, "fp16": 0.995, "int8": 0.99}
 #: largest tolerated feature error relative to the largest reference feature value: a generous
-#: bound (the tiny demo model measures ~5e-7 fp32, ~1e-3 fp16, ~0.08 int8); the labels are the
-#: real test.
+#: bound (the tiny demo model measures ~5e-7 fp32, ~1e-3 fp16, ~0.03 int8; random-weight
+#: tbn_swin_t int8 0.12); the labels are the real test.
 FEATURE_REL_TOL = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.25}
 
 
