@@ -14,12 +14,15 @@ definitions), their difference to PyTorch, and the share of labelled pixels whos
 with PyTorch's.
 
 Release gate: the exit code is 1 when a backend's |mIoU - mIoU(PyTorch)| exceeds the tolerance of
-its precision (default 0.01 points for fp32, 0.1 for fp16; --tol-fp32, --tol-fp16), or its pixel
-agreement is below --min-agree (off by default). 2 for a usage error, 0 when every row passes.
-Rows that cannot run here (TensorRT not installed) are reported and do not fail the gate.
+its precision (default 0.01 points for fp32, 0.1 for fp16, 0.5 for int8; --tol-fp32, --tol-fp16,
+--tol-int8), or its pixel agreement is below --min-agree (off by default). 2 for a usage error,
+0 when every row passes. Rows that cannot run here (TensorRT not installed, no calibration
+frames for int8) are reported and do not fail the gate.
 
 Without an fp16 export among --export/--exports, one is made on the fly from the checkpoint
-into a temporary folder (--no-fp16 to skip).
+into a temporary folder (--no-fp16 to skip); likewise an int8 export, calibrated on --calib
+(default: the data's train split, DATA/train.txt, so calibration never sees the scored split;
+--no-int8 to skip).
 
 Test hook: `evaluate_backend(backend, videos, reference)` scores any object with the Backend
 interface (height, width, reset(), infer(frame) -> labels); `--fault wrong-past` (a debugging
@@ -230,6 +233,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                                                 "(default: %(default)s)")
     p.add_argument("--tol-fp16", type=float, default=0.1, help="max |dmIoU| in points for fp16 "
                                                                "(default: %(default)s)")
+    p.add_argument("--tol-int8", type=float, default=0.5, help="max |dmIoU| in points for int8 "
+                                                               "(default: %(default)s)")
+    p.add_argument("--no-int8", action="store_true", help="do not make an int8 export on the fly")
+    p.add_argument("--calib", help="calibration source of the int8 export made on the fly "
+                                   "(default: DATA/train.txt)")
+    p.add_argument("--calib-frames", type=int, default=64,
+                   help="calibration frames of that export (default: %(default)s)")
     p.add_argument("--min-agree", type=float, help="also fail below this pixel agreement (0..1)")
     p.add_argument("--max-videos", type=int, help="only the first N videos of the split")
     p.add_argument("--max-frames", type=int, help="only the first N frames of each video")
@@ -241,9 +251,31 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def int8_export(args: argparse.Namespace, model: Any, ckpt: str, height: int, width: int,
+                tmp: str) -> Tuple[Optional[str], str]:
+    """(an int8 export made from the checkpoint, "") or (None, why it cannot be made)."""
+    from tbn_export.int8 import Int8Error, quantize_export, read_calibration
+    from tbn_export.onnx_export import export_onnx
+    source = args.calib or os.path.join(args.data, "train.txt")
+    try:
+        calib = read_calibration(source, args.calib_frames, height, width)
+    except Int8Error as e:
+        return None, f"no calibration frames ({e}); pass --calib"
+    out = os.path.join(tmp, "export-int8")
+    print(f"accuracy.py: no int8 export given; exporting one into {out}, calibrated on "
+          f"{len(calib.frames)} frames of {source} ...", file=sys.stderr, flush=True)
+    export_onnx(model, out, height, width, checkpoint_path=ckpt)
+    try:
+        quantize_export(out, calib)
+    except Int8Error as e:
+        return None, str(e)
+    return out, ""
+
+
 def resolve(args: argparse.Namespace, tmp: str) -> Tuple[Any, Dict[str, Any], List[str], int,
                                                          int]:
-    """(model, checkpoint meta, export dirs, height, width) after checking every input."""
+    """(model, checkpoint meta, export dirs, height, width) after checking every input; the
+    reason an int8 export could not be made on the fly goes to args.int8_skipped."""
     from tbn_runtime.manifest import ManifestError, load_manifest
     from tbn_train.checkpoint import CheckpointError, load_model
     dirs = [d for d in (args.exports or args.export).split(",") if d]
@@ -282,6 +314,11 @@ def resolve(args: argparse.Namespace, tmp: str) -> Tuple[Any, Dict[str, Any], Li
               file=sys.stderr, flush=True)
         export_onnx(model, out, first.height, first.width, fp16=True, checkpoint_path=ckpt)
         dirs.append(out)
+    args.int8_skipped = None
+    if not args.no_int8 and not any(m.precision == "int8" for m in manifests):
+        out, args.int8_skipped = int8_export(args, model, ckpt, first.height, first.width, tmp)
+        if out is not None:
+            dirs.append(out)
     model.to(args.device)
     meta["path"] = ckpt
     return model, meta, dirs, first.height, first.width
@@ -317,6 +354,9 @@ def run(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
                     row["fault"] = args.fault
                 live.append((row, backend, Score(int(model.num_classes))))
             rows.append(row)
+    if args.int8_skipped:
+        rows.append({"row": "ort int8", "backend": "ort", "precision": "int8", "export": None,
+                     "skipped": args.int8_skipped})
 
     for video in videos:
         frames, labels = load_video(video, args.max_frames)
@@ -335,7 +375,7 @@ def run(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
 
     ref_row = {"row": "PyTorch reference", "backend": "torch", "precision": "fp32",
                "describe": f"tbn_train.evaluate.predict_video on {args.device}", **ref.summary()}
-    tolerances = {"fp32": args.tol_fp32, "fp16": args.tol_fp16}
+    tolerances = {"fp32": args.tol_fp32, "fp16": args.tol_fp16, "int8": args.tol_int8}
     for row in rows:
         if "skipped" in row:
             continue
@@ -350,8 +390,11 @@ def run(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
                    "model": meta["model"], "height": height, "width": width,
                    "exports": [None if d.startswith(tmp) else d for d in dirs],
                    "backends": backends, "max_videos": args.max_videos,
-                   "max_frames": args.max_frames, "fault": args.fault},
-        "tolerances": {"fp32": args.tol_fp32, "fp16": args.tol_fp16,
+                   "max_frames": args.max_frames, "fault": args.fault,
+                   "int8_calibration": {"source": args.calib or os.path.join(args.data,
+                                                                             "train.txt"),
+                                        "frames": args.calib_frames}},
+        "tolerances": {"fp32": args.tol_fp32, "fp16": args.tol_fp16, "int8": args.tol_int8,
                        "min_agree": args.min_agree, "unit": "mIoU points"},
         "machine": common.machine_info(),
         "reference": ref_row,
@@ -379,8 +422,8 @@ def table(report: Dict[str, Any]) -> str:
     cfg, tol = report["config"], report["tolerances"]
     head = (f"Accuracy vs PyTorch, {cfg['model']} at {cfg['height']}x{cfg['width']}, "
             f"{cfg['data']} {cfg['split']} ({ref['videos']} videos, {ref['frames']} frames) on "
-            f"{report['device']}; gate |dmIoU| <= {tol['fp32']} (fp32) / {tol['fp16']} (fp16) "
-            f"points\nMachine: {common.machine_line(report['machine'])}")
+            f"{report['device']}; gate |dmIoU| <= {tol['fp32']} (fp32) / {tol['fp16']} (fp16) / "
+            f"{tol['int8']} (int8) points\nMachine: {common.machine_line(report['machine'])}")
     verdict = "gate: PASS" if report["passed"] else "gate: FAIL"
     return head + "\n\n" + common.markdown_table(headers, rows) + "\n\n" + verdict
 

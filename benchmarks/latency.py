@@ -14,6 +14,8 @@ Rows (choose with --only; default: every row that can run here):
   ring-fp16   the same with fp16 autocast (--device cuda)
   ort         ONNX Runtime, fp32 export, through the runtime's ort backend (IOBinding ring)
   ort-fp16    ONNX Runtime, fp16 export
+  ort-int8    ONNX Runtime, INT8 export (Q/DQ feature graph, fp32 temporal graph); made on the
+              fly: calibrated on --calib (default: synthetic frames of another seed)
   trt         TensorRT, fp16 engines (the runtime's trt backend), where TensorRT is installed
   trt-fp32    TensorRT, fp32 engines
   tbn-run     the runtime's whole stream (decode a video written with cv2, infer, write PNG masks)
@@ -56,10 +58,10 @@ from typing import Any, Dict, List, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import measure  # noqa: E402
-from paths import BenchError, make_source  # noqa: E402
+from paths import BenchError, Source, make_source  # noqa: E402
 
-ROWS = ("naive", "naive-fp16", "ring", "ring-fp16", "ort", "ort-fp16", "trt", "trt-fp32",
-        "tbn-run")
+ROWS = ("naive", "naive-fp16", "ring", "ring-fp16", "ort", "ort-fp16", "ort-int8", "trt",
+        "trt-fp32", "tbn-run")
 LABELS = {
     "naive": "PyTorch naive (backbone x4)",
     "naive-fp16": "PyTorch naive fp16 (backbone x4)",
@@ -67,6 +69,7 @@ LABELS = {
     "ring-fp16": "PyTorch ring fp16",
     "ort": "ONNX Runtime fp32",
     "ort-fp16": "ONNX Runtime fp16",
+    "ort-int8": "ONNX Runtime int8",
     "trt": "TensorRT fp16",
     "trt-fp32": "TensorRT fp32",
     "tbn-run": "tbn-run end to end",
@@ -96,6 +99,17 @@ def synth_frames(height: int, width: int, n: int, seed: int) -> List[Any]:
     return synthetic_frames(n, height, width, seed)
 
 
+def calibration(args: argparse.Namespace, src: Source) -> Any:
+    """Calibration frames for the ort-int8 row: --calib, else a synthetic video of another
+    seed than the timed frames."""
+    from tbn_export.int8 import CalibrationFrames, read_calibration
+    if args.calib:
+        return read_calibration(args.calib, args.calib_frames, src.height, src.width)
+    frames = synth_frames(src.height, src.width, args.calib_frames, args.seed + 1)
+    return CalibrationFrames(frames, f"tbn_train.data.synth video (seed {args.seed + 1})",
+                             ["synthetic"])
+
+
 def default_exports() -> Optional[str]:
     """The newest export of each precision under runs/tbn of the newest one's model and size
     (comma-separated), or None."""
@@ -120,6 +134,7 @@ def run(args: argparse.Namespace, tmp: str, budget: "measure.Budget",
     """Build, time and finish every row into `results` (filled as it goes, so a run stopped
     half-way still has what it measured); the model source goes into `sources`."""
     src = make_source(args, tmp)
+    src.calibration = lambda: calibration(args, src)
     sources.append(src)
     frames = synth_frames(src.height, src.width, args.warmup + args.frames, args.seed)
     if args.device == "cuda":
@@ -199,16 +214,39 @@ def plot(path: str, report: Dict[str, Any]) -> None:
         annotate=[f"{r['median_ms']:.0f} ms\n{r.get('speedup', 1):.2f}x" for r in rows])
 
 
+def model_arguments(p: argparse.ArgumentParser, export_help: str,
+                    model_default: Optional[str] = None) -> None:
+    """The flags that choose the model (make_source reads them): --export, or --model and
+    --size with random weights (--seed), and the calibration of an int8 export made on the fly."""
+    p.add_argument("--export", help=export_help)
+    p.add_argument("--model", default=model_default,
+                   help="registry name for random weights (default: " +
+                        (model_default or "tbn_swin_t where there is no export") + ")")
+    p.add_argument("--size", default="480x480", help="HEIGHTxWIDTH with --model "
+                                                     "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib", help="calibration source for an int8 export made on the fly (a "
+                                   "video, folder or VSPW split list; default: synthetic frames)")
+    p.add_argument("--calib-frames", type=int, default=32,
+                   help="calibration frames of that export (default: %(default)s)")
+
+
+def check_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """--size parsed to (height, width); --frames >= 1, --warmup >= 0 (else p.error)."""
+    try:
+        a.size = common.parse_size(a.size)
+    except ValueError as e:
+        p.error(str(e))
+    if a.frames < 1 or a.warmup < 0:
+        p.error("--frames must be >= 1 and --warmup >= 0")
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="latency.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[1:]))
-    p.add_argument("--export", help="tbn-export output dir(s), comma-separated, one per "
-                                    "precision (default: the exports under runs/tbn)")
-    p.add_argument("--model", help="registry name for random weights (default where there is "
-                                   "no export: tbn_swin_t)")
-    p.add_argument("--size", default="480x480", help="HEIGHTxWIDTH with --model "
-                                                     "(default: %(default)s)")
+    model_arguments(p, "tbn-export output dir(s), comma-separated, one per precision "
+                       "(default: the exports under runs/tbn)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--frames", type=int, default=20, help="timed frames (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed frames first (default: "
@@ -220,7 +258,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="seconds for the whole run, exports and engine builds included; rows "
                         "not built by then are skipped, timing stops (what was measured is "
                         "reported)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ort-spinning", action="store_true",
                    help="leave ONNX Runtime's spin-waiting threads on (off by default: they "
                         "slow down the rows interleaved with them)")
@@ -228,12 +265,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--plot", help="write a bar chart (PNG) here")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary exports")
     a = p.parse_args(argv)
-    try:
-        a.size = common.parse_size(a.size)
-    except ValueError as e:
-        p.error(str(e))
-    if a.frames < 1 or a.warmup < 0:
-        p.error("--frames must be >= 1 and --warmup >= 0")
+    check_arguments(p, a)
     if a.export and a.model:
         p.error("--export and --model exclude each other")
     rows = list(ROWS)
@@ -301,7 +333,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    for k, v in (src.exports.items() if src else [])},
                        "export_seconds": src.export_seconds if src else {},
                        "schedule": "interleaved", "ort_spinning": bool(args.ort_spinning),
-                       "time_budget": args.time_budget, "rows": args.rows},
+                       "time_budget": args.time_budget, "rows": args.rows,
+                       "int8_calibration": {"source": args.calib or "synthetic",
+                                            "frames": args.calib_frames}},
             "machine": common.machine_info(),
             "load_average": {"start": load0, "end": os.getloadavg() if load0 else None},
             "seconds": time.time() - t_start,

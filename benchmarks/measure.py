@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 import common
-from paths import BackendPath, Skip, Source, build_path, cuda_sync, engine_export
+from paths import BackendPath, Skip, Source, build_path, cuda_sync, engine_export, row_precision
 
 
 class Budget:
@@ -228,7 +228,7 @@ def run_tbn_run(res: Dict[str, Any], results: List[Dict[str, Any]], src: Source,
         return
     best = min(cands, key=lambda r: r["median_ms"])
     backend = "trt" if best["row"].startswith("trt") else "ort"
-    precision = best.get("precision", "fp16" if best["row"] in ("ort-fp16", "trt") else "fp32")
+    precision = row_precision(best["row"])
     export = (engine_export(src, precision, budget.left()) if backend == "trt"
               else src.export_dir(precision, device))
 

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
@@ -39,6 +39,8 @@ class Source:
     random_weights: bool
     tmp: str
     export_seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
+    #: () -> tbn_export.int8.CalibrationFrames, for an int8 export made on the fly
+    calibration: Optional[Callable[[], Any]] = None
 
     def export_dir(self, precision: str, device: str) -> str:
         """The export of `precision`, made on the fly from the checkpoint if there is none."""
@@ -55,6 +57,14 @@ class Source:
         model, _ = load_model(self.checkpoint)
         export_onnx(model, out, self.height, self.width, fp16=(precision == "fp16"),
                     checkpoint_path=self.checkpoint)
+        if precision == "int8":
+            from tbn_export.int8 import Int8Error, quantize_export
+            if self.calibration is None:
+                raise Skip("no int8 export given and no calibration frames to make one")
+            try:
+                quantize_export(out, self.calibration())
+            except Int8Error as e:
+                raise Skip(f"cannot make the int8 export: {e}") from None
         self.export_seconds[precision] = time.perf_counter() - t0
         self.exports[precision] = out
         return out
@@ -229,7 +239,7 @@ def build_path(row: str, src: Source, device: str, time_left: Optional[float] = 
         ok, reason = backend_class("ort").available(device)
         if not ok:
             raise Skip(reason)
-        d = src.export_dir("fp16" if fp16 else "fp32", device)
+        d = src.export_dir(row_precision(row), device)
         from tbn_runtime.manifest import load_manifest
         return BackendPath("ort", d, load_manifest(d), device)
     if row.startswith("trt"):

@@ -3,6 +3,7 @@ feature.engine / temporal.engine where TensorRT is present).
 
     tbn-export [--checkpoint runs/tbn/best.safetensors] [--fp16] [--out DIR]
                [--height H --width W] [--logits] [--verify [--video FILE]] [--overwrite]
+    tbn-export --int8 --calib SOURCE [--calib-frames 64] [--verify] ...   # Q/DQ feature graph
     tbn-export --engine-only --out DIR      # engines for an existing export, on the target GPU
 
 Each precision has its own default folder (runs/tbn/export, runs/tbn/export-fp16), so exporting
@@ -59,9 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"checkpoint written by tbn-train (default {DEFAULT_CHECKPOINT})")
     p.add_argument("--out", default=None,
                    help=f"export directory (default {default_out('fp32')}; "
-                        f"{default_out('fp16')} with --fp16)")
+                        f"{default_out('fp16')} with --fp16, {default_out('int8')} with "
+                        f"--int8)")
     p.add_argument("--fp16", action="store_true",
                    help="fp16 graphs (LayerNorm, Softmax, reductions stay fp32); fp16 features")
+    p.add_argument("--int8", action="store_true",
+                   help="INT8 feature graph (explicit Q/DQ, calibrated on --calib); the "
+                        "temporal graph stays fp32")
+    p.add_argument("--calib", default=None, metavar="SOURCE",
+                   help="frames to calibrate --int8 on: a video, a folder of videos, frame "
+                        "folders or images, a VSPW root or split list (ROOT/train.txt)")
+    p.add_argument("--calib-frames", type=int, default=None,
+                   help="calibration frames (default 64, every 5th frame of up to that many "
+                        "videos)")
+    p.add_argument("--calib-method", default=None, choices=("minmax", "entropy", "percentile"),
+                   help="how activation ranges are set from the calibration (default minmax)")
     p.add_argument("--height", type=int, default=None,
                    help="export height (default: the checkpoint config's eval_size, else its "
                         f"crop_size, else {DEFAULT_SIZE[0]})")
@@ -91,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def precision_of(args) -> str:
-    return "fp16" if args.fp16 else "fp32"
+    return "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
 
 
 def _export_size(args, meta) -> Tuple[int, int, str]:
@@ -194,6 +207,31 @@ def _engine_only(args) -> int:
     return 0
 
 
+def _check_int8_args(args) -> None:
+    """--int8 needs --calib; the calibration flags need --int8; INT8 is made from fp32."""
+    calib_flags = [f for f, v in (("--calib", args.calib), ("--calib-frames", args.calib_frames),
+                                  ("--calib-method", args.calib_method)) if v is not None]
+    if not args.int8:
+        if calib_flags:
+            raise UsageError(f"{', '.join(calib_flags)} only apply to --int8")
+        return
+    if args.fp16:
+        raise UsageError("--int8 and --fp16 exclude each other: the INT8 feature graph is "
+                         "quantized from fp32 (its temporal graph stays fp32); choose one")
+    if args.calib is None:
+        raise UsageError("--int8 needs --calib SOURCE: frames to calibrate on (a video, a "
+                         "folder of videos or images, or a VSPW root, e.g. --calib data/synth)")
+    if not os.path.exists(args.calib):
+        raise UsageError(f"calibration source not found: {args.calib}")
+    if args.calib_frames is None:
+        from .int8 import DEFAULT_CALIB_FRAMES
+        args.calib_frames = DEFAULT_CALIB_FRAMES
+    if args.calib_frames < 1:
+        raise UsageError(f"--calib-frames must be >= 1, got {args.calib_frames}")
+    if args.calib_method is None:
+        args.calib_method = "minmax"
+
+
 def _export(args) -> int:
     from tbn_train.checkpoint import load_model
 
@@ -213,16 +251,28 @@ def _export(args) -> int:
         raise UsageError(f"--workspace-gb must be positive, got {args.workspace_gb}")
     if not 1 <= args.max_batch <= 256:
         raise UsageError(f"--max-batch must be in 1..256, got {args.max_batch}")
+    _check_int8_args(args)
 
     from tbn_runtime.files import sha256_file, sweep_stale, temporary_name
 
     model, meta = load_model(args.checkpoint)
     height, width, source = _export_size(args, meta)
     height, width = check_export_size(height, width)
+    calib = None
+    if args.int8:
+        from .int8 import read_calibration
+
+        held_out = args.verify_frames if args.verify and not args.video else 0
+        calib = read_calibration(args.calib, args.calib_frames, height, width, held_out)
+        if held_out and not calib.held_out:
+            raise UsageError(f"--calib {args.calib} leaves no frames that calibration did not "
+                             f"see for --verify; pass --video FILE (frames to verify on)")
     out = os.path.abspath(args.out)
     precision = precision_of(args)
-    action, note = _check_out_dir(out, model.model_name, precision, args.overwrite, {
-        "sha256": sha256_file(args.checkpoint), "size": [height, width], "logits": args.logits})
+    # an int8 export also depends on its calibration: never "up to date", replaced instead
+    same = None if args.int8 else {"sha256": sha256_file(args.checkpoint),
+                                    "size": [height, width], "logits": args.logits}
+    action, note = _check_out_dir(out, model.model_name, precision, args.overwrite, same)
     if action == "up to date":
         print(note)
         return 0
@@ -237,6 +287,12 @@ def _export(args) -> int:
         t0 = time.perf_counter()
         manifest = export_onnx(model, tmp, height, width, fp16=args.fp16, logits=args.logits,
                                checkpoint_path=args.checkpoint, max_batch=args.max_batch)
+        if calib is not None:
+            from .int8 import quantize_export
+
+            manifest = quantize_export(tmp, calib, args.calib_method)
+            print(f"quantized {FEATURE_ONNX} to INT8 (Q/DQ) on {len(calib.frames)} frames of "
+                  f"{len(calib.videos)} video(s) from {args.calib}")
         t_export = time.perf_counter() - t0
         print(f"exported {manifest.model} ({manifest.precision}) at {height}x{width} (size from "
               f"{source}) in {t_export:.1f} s: {FEATURE_ONNX} "
@@ -250,6 +306,9 @@ def _export(args) -> int:
             if args.video:
                 frames = video_frames(args.video, args.verify_frames, height, width)
                 what = f"{len(frames)} frames of {args.video}"
+            elif calib is not None:
+                frames = calib.held_out
+                what = f"{len(frames)} held-out frames of {calib.held_out_from}"
             else:
                 frames = synthetic_frames(args.verify_frames, height, width)
                 what = f"{len(frames)} synthetic frames"
@@ -301,17 +360,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     from tbn_train.checkpoint import CheckpointError
     from tbn_train.models import BackboneError
 
+    from .int8 import Int8Error
     from .onnx_export import ExportError
     from .verify import VerifyError
 
     try:
         if args.engine_only:
+            if args.calib or args.calib_frames or args.calib_method:
+                raise UsageError("--engine-only builds engines for the export in --out; the "
+                                 "--calib flags belong to an export (tbn-export --int8)")
             return _engine_only(args)
         return _export(args)
     except UsageError as e:
         print(f"tbn-export: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, BackboneError, ExportError, ManifestError, VerifyError,
+    except (CheckpointError, BackboneError, ExportError, ManifestError, VerifyError, Int8Error,
             OSError) as e:
         first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         print(f"tbn-export: {first}", file=sys.stderr)

@@ -8,7 +8,8 @@ picks for frame t, and model.frame_features for the per-frame features.
 
 Reported: max abs and relative error of the features, the share of pixels whose labels agree
 (over all frames, and for the worst frame). Thresholds on the label agreement: fp32 >= 99.9%,
-fp16 >= 99.5% (measured on the tiny demo model), and a loose bound on the feature error.
+fp16 >= 99.5% (measured on the tiny demo model), int8 >= 99% (the INT8 gate: run it on frames
+calibration did not see), and a loose bound on the feature error.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from tbn_runtime.temporal import FeatureRing
 from tbn_train.data.synth import synthetic_frames  # noqa: F401  (--verify's default frames)
 
 #: minimum share of pixels whose labels must agree with PyTorch, per export precision.
-LABEL_AGREEMENT = {"fp32": 0.999, "fp16": 0.995}
+LABEL_AGREEMENT = {"fp32": 0.999, "fp16": 0.995, "int8": 0.99}
 #: largest tolerated feature error relative to the largest reference feature value: a generous
-#: bound (the tiny demo model measures ~5e-7 fp32, ~1e-3 fp16); the labels are the real test.
-FEATURE_REL_TOL = {"fp32": 1e-3, "fp16": 5e-2}
+#: bound (the tiny demo model measures ~5e-7 fp32, ~1e-3 fp16, ~0.03 int8; random-weight
+#: tbn_swin_t int8 0.12, random tbn_tiny on degraded synthetic frames 0.3); the labels are the
+#: real test.
+FEATURE_REL_TOL = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.5}
 
 
 class VerifyError(ValueError):
