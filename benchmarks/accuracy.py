@@ -404,17 +404,18 @@ def run(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
 
 
 def table(report: Dict[str, Any]) -> str:
-    headers = ["path", "mIoU", "mVC8", "mVC16", "dmIoU", "dmVC8", "dmVC16", "agree %", "gate"]
+    headers = ["path", "mIoU", "mVC8", "mVC16", "dmIoU", "dmVC8", "dmVC16", "labels agree",
+               "gate"]
     f2 = lambda v: common.fmt(v, 2)  # noqa: E731
     fd = lambda v: "-" if v is None else f"{v:+.3f}"  # noqa: E731
     ref = report["reference"]
     rows = [[ref["row"], f2(ref["mIoU"]), f2(ref["mVC8"]), f2(ref["mVC16"]), "-", "-", "-",
-             "100.000", "reference"]]
+             "-", "reference"]]
     for r in report["rows"]:
         if "skipped" in r:
             rows.append([r["row"], "-", "-", "-", "-", "-", "-", "-", f"not run: {r['skipped']}"])
             continue
-        agree = "-" if r.get("agreement") is None else f"{100 * r['agreement']:.3f}"
+        agree = "-" if r.get("agreement") is None else common.percent(r["agreement"], 3)
         rows.append([r["row"] + (f" [fault {r['fault']}]" if r.get("fault") else ""),
                      f2(r["mIoU"]), f2(r["mVC8"]), f2(r["mVC16"]), fd(r["d_mIoU"]),
                      fd(r["d_mVC8"]), fd(r["d_mVC16"]), agree,
@@ -432,12 +433,15 @@ def plot(path: str, report: Dict[str, Any]) -> None:
     ref = report["reference"]
     rows = [ref] + [r for r in report["rows"] if "skipped" not in r]
     notes = ["reference"] + [
-        f"{r['d_mIoU']:+.3f}\n{100 * (r.get('agreement') or 0):.2f}% agree" for r in rows[1:]]
+        f"dmIoU {r['d_mIoU']:+.3f}\n{common.percent(r.get('agreement') or 0)} agree"
+        for r in rows[1:]]
     cfg = report["config"]
     common.bar_plot(path, [r["row"] for r in rows], [r["mIoU"] for r in rows], ylabel="mIoU (%)",
                     title=f"{cfg['model']} {cfg['height']}x{cfg['width']}: mIoU per backend "
-                          f"(dmIoU, pixel agreement with PyTorch)",
-                    subtitle=common.machine_line(report["machine"]), annotate=notes,
+                          f"(dashed: PyTorch's)",
+                    subtitle="above each bar: its mIoU minus PyTorch's, and the share of labels "
+                             "equal to PyTorch's\n" + common.machine_line(report["machine"]),
+                    annotate=notes,
                     hline=ref["mIoU"])
 
 

@@ -293,6 +293,10 @@ def bar_plot(path: str, labels: Sequence[str], values: Sequence[Optional[float]]
             ax.annotate(annotate[i], (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize=8, xytext=(0, 2),
                         textcoords="offset points")
+    if annotate is not None and ys:
+        # room above the tallest bar (and its whisker) for its two-line note, under the title
+        top = max(y + (yerr[1][i] if yerr else 0.0) for i, y in enumerate(ys))
+        ax.set_ylim(0, top * 1.3)
     if hline is not None:
         ax.axhline(hline, color="grey", lw=0.8, ls="--")
     ax.set_xticks(xs)
@@ -300,7 +304,7 @@ def bar_plot(path: str, labels: Sequence[str], values: Sequence[Optional[float]]
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.text(0.5, 0.005, subtitle, ha="center", va="bottom", fontsize=6.5, wrap=True)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * subtitle.count("\n") + 0.02, 1, 1))
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
