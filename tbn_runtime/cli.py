@@ -3,6 +3,7 @@
     tbn-run SOURCE --out DIR [--model EXPORT] [--backend auto|trt|ort|torch] [--device cpu|cuda]
             [--format png|npy|coco-rle] [--overlay F.mp4] [--stats F.json]
             [--overwrite | --resume] [--max-frames N] [-v | -q] [--no-progress]
+            [--ray [ADDRESS] [--chunk-frames F] [--workers N] [--cpus-per-worker C]]
 
 Also `python -m tbn_runtime ...`. The command is tbn_runtime.Segmenter plus
 tbn_runtime.stream.run_stream; what it adds is the care a command owes its user: a lock on
@@ -69,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
                            "engine still runs on kept frames: the frames after need them)")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames in all")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = p.add_argument_group("a corpus across a Ray cluster (pip install 'tbn-vit[cluster]'; "
+                               "docs/cluster.md)")
+    ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                     help="share the videos out to Ray workers, one per GPU (or per "
+                          "--cpus-per-worker cores), writing to an --out every node sees. "
+                          "ADDRESS: HOST:PORT of the head, or 'local' (a Ray started here for "
+                          "this run); none: $RAY_ADDRESS, else the cluster `ray start` began "
+                          "on this machine, else a Ray started here")
+    # the defaults are tbn_runtime.cluster's (not imported before --help is answered)
+    ray.add_argument("--chunk-frames", type=int, metavar="F", default=1000,
+                     help="cut videos longer than F frames into chunks that workers run side "
+                          "by side, masks identical to one run's (0: whole videos only)")
+    ray.add_argument("--workers", type=int, metavar="N", default=0,
+                     help="at most N workers (0: as many as the cluster holds)")
+    ray.add_argument("--cpus-per-worker", type=int, metavar="C", default=4,
+                     help="CPU cores per worker where a node has no GPU")
     add_verbosity_flags(p)
     return p
 
@@ -92,15 +109,52 @@ def _check_writable(path: str, flag: str) -> None:
         raise OSError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
 
 
+def _corpus(args: argparse.Namespace, videos: list) -> int:
+    """--ray: the videos across a Ray cluster (tbn_runtime.cluster), then the same report as one
+    stream's, and exit 2 if some videos could not be done."""
+    import json
+
+    from .cluster import run_corpus
+    from .files import atomic_write_text
+    from .stream import summary_line
+
+    stats = run_corpus(videos, args.out, export=args.model, backend=args.backend,
+                       device=args.device, fmt=args.format, address=args.ray or None,
+                       chunk_frames=args.chunk_frames, workers=args.workers or None,
+                       cpus_per_worker=args.cpus_per_worker, resume=args.resume,
+                       progress=not (args.no_progress or args.quiet), verbose=args.verbose)
+    stats["source"] = args.source
+    if args.stats:
+        atomic_write_text(args.stats, json.dumps(stats, indent=2) + "\n")
+    print(f"{PROG}: {summary_line(stats, args.out)}")
+    failed = stats["failed"]
+    if failed:
+        return _fail(f"{len(failed)} video{'s' * (len(failed) != 1)} not done, the first: "
+                     f"{failed[0]['error']} (--resume does what is missing)")
+    return 0
+
+
 def _on_sigterm(signum, frame):  # noqa: ARG001
     raise Stopped()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging(PROG, args.verbose, args.quiet)
     if args.max_frames is not None and args.max_frames < 1:
         return _fail("--max-frames must be at least 1")
+    for dest in ("chunk_frames", "workers", "cpus_per_worker"):
+        if args.ray is None and getattr(args, dest) != parser.get_default(dest):
+            return _fail(f"--{dest.replace('_', '-')} goes with --ray")
+    if args.ray is not None and (args.overlay or args.max_frames):
+        return _fail(f"{'--overlay' if args.overlay else '--max-frames'} is for one stream; "
+                     f"not with --ray")
+    for flag, value, least in (("--chunk-frames", args.chunk_frames, 0),
+                               ("--workers", args.workers, 0),
+                               ("--cpus-per-worker", args.cpus_per_worker, 1)):
+        if value < least:
+            return _fail(f"{flag} must be at least {least}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return _fail(f"--out {args.out} exists and is not a folder")
 
@@ -109,6 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     from .backends import BackendError
+    from .cluster import ClusterError
     from .files import FolderLock, LockError, atomic_write_text, sweep_stale
     from .manifest import ManifestError
     from .outputs import has_outputs
@@ -135,6 +190,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.stats:
             _check_writable(args.stats, "--stats")
         videos = open_source(args.source)
+        if args.ray is not None:
+            return _corpus(args, videos)
         seg = Segmenter(args.model, backend=args.backend, device=args.device)
         log.info("model %s; backend %s", seg.export, seg.why)
         overlay = None
@@ -152,7 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{PROG}: {summary_line(stats, args.out)}")
         return 0
     except (SourceError, ManifestError, BackendError, StreamError, OverlayError,
-            LockError) as e:
+            LockError, ClusterError) as e:
         return _fail(str(e))
     except OSError as e:
         return _fail(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}"
