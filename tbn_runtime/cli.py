@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "by side, masks identical to one run's (0: whole videos only)")
     ray.add_argument("--workers", type=int, metavar="N", default=0,
                      help="at most N workers (0: as many as the cluster holds)")
-    ray.add_argument("--cpus-per-worker", type=int, metavar="C", default=4,
-                     help="CPU cores per worker where a node has no GPU")
+    ray.add_argument("--cpus-per-worker", type=int, metavar="C", default=0,
+                     help="CPU cores per worker where a node has no GPU (0: 4, or all the "
+                          "cores of the largest node if it has fewer)")
     add_verbosity_flags(p)
     return p
 
@@ -121,7 +122,7 @@ def _corpus(args: argparse.Namespace, videos: list) -> int:
     stats = run_corpus(videos, args.out, export=args.model, backend=args.backend,
                        device=args.device, fmt=args.format, address=args.ray or None,
                        chunk_frames=args.chunk_frames, workers=args.workers or None,
-                       cpus_per_worker=args.cpus_per_worker, resume=args.resume,
+                       cpus_per_worker=args.cpus_per_worker or None, resume=args.resume,
                        progress=not (args.no_progress or args.quiet), verbose=args.verbose)
     stats["source"] = args.source
     if args.stats:
@@ -152,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      f"not with --ray")
     for flag, value, least in (("--chunk-frames", args.chunk_frames, 0),
                                ("--workers", args.workers, 0),
-                               ("--cpus-per-worker", args.cpus_per_worker, 1)):
+                               ("--cpus-per-worker", args.cpus_per_worker, 0)):
         if value < least:
             return _fail(f"{flag} must be at least {least}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -99,7 +99,8 @@ def test_plan_video(corpus):
     with pytest.raises(sources.SourceError, match="without --ray"):
         plan_video(Video("cam", "camera", "0"), 10, history=9)
     assert DEFAULT_CHUNK_FRAMES == build_parser().get_default("chunk_frames")
-    assert DEFAULT_CPUS_PER_WORKER == build_parser().get_default("cpus_per_worker")
+    help_text = build_parser().format_help()
+    assert f"(0: {DEFAULT_CPUS_PER_WORKER}, or all" in " ".join(help_text.split())
 
 
 def test_chunks_equal_single_run(export_dir, seg, model, corpus, frame_folder, tmp_path):

@@ -47,9 +47,9 @@ class Chunk:
 
 
 def plan_video(video: Video, chunk_frames: int, history: int) -> List[Chunk]:
-    """The chunks of one video (chunk_frames 0: the whole video as one). history: max(temporal offsets), at least 1 (so that an
-    image-only model's chunks still overlap by a frame for the seek check). Raises SourceError
-    for live streams and unreadable files."""
+    """The chunks of one video (chunk_frames 0: the whole video as one). history:
+    max(temporal offsets), at least 1 (so that an image-only model's chunks still overlap by a
+    frame for the seek check). Raises SourceError for live streams and unreadable files."""
     if video.kind not in ("file", "frames"):
         raise SourceError(f"{video.origin}: a live {video.kind} is one sequence that cannot be "
                           f"shared out; run tbn-run on it without --ray")

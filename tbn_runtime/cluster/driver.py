@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ from .chunks import (DEFAULT_CHUNK_FRAMES, STATE_DIR, Chunk, ChunkWorker, join_c
 
 log = logging.getLogger("tbn_runtime")
 
-#: CPU cores per worker on nodes without a GPU
+#: CPU cores per worker on nodes without a GPU (fewer where the largest node has fewer)
 DEFAULT_CPUS_PER_WORKER = 4
 #: how often Ray runs a chunk again after its worker died before the chunk counts as failed
 DEFAULT_RETRIES = 3
@@ -38,6 +39,18 @@ class ClusterError(RuntimeError):
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _probe(address: str) -> None:
+    """Fail at once when nothing listens at HOST:PORT (ray.init would retry for minutes)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except ValueError:
+        raise ClusterError(f"--ray {address}: give the head's address as HOST:PORT") from None
+    except OSError as e:
+        raise ClusterError(f"nothing answers at {address} ({e.strerror or e}): start the head "
+                           f"with `ray start --head` there, or check the address") from None
 
 
 @contextmanager
@@ -53,9 +66,11 @@ def ray_session(address: Optional[str] = None, verbose: bool = False) -> Iterato
     if ray.is_initialized():
         yield ray
         return
+    where = address or os.environ.get("RAY_ADDRESS")
+    if where and where not in ("auto", "local") and "://" not in where:
+        _probe(where)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
-    where = address or os.environ.get("RAY_ADDRESS")
     try:
         ray.init(address=address or None, include_dashboard=False, log_to_driver=verbose,
                  logging_level=logging.INFO if verbose else logging.ERROR)
@@ -75,10 +90,11 @@ def ray_session(address: Optional[str] = None, verbose: bool = False) -> Iterato
 
 
 def start_workers(ray: Any, args: Tuple[Any, ...], device: Optional[str], *,
-                  workers: Optional[int] = None, cpus_per_worker: int = DEFAULT_CPUS_PER_WORKER,
+                  workers: Optional[int] = None, cpus_per_worker: Optional[int] = None,
                   retries: int = DEFAULT_RETRIES) -> Tuple[List[Any], List[Dict[str, Any]]]:
     """One ChunkWorker actor per GPU of the cluster (unless device is "cpu"), else one per
-    `cpus_per_worker` cores of each node; at most `workers`. args: ChunkWorker's arguments.
+    `cpus_per_worker` cores of each node (None: DEFAULT_CPUS_PER_WORKER, or all the cores of
+    the largest node if it has fewer); at most `workers`. args: ChunkWorker's arguments.
     Returns the actors, loaded, and what each said (node, pid, backend)."""
     from ray.exceptions import RayError
 
@@ -89,7 +105,9 @@ def start_workers(ray: Any, args: Tuple[Any, ...], device: Optional[str], *,
     if gpus and device != "cpu":
         fits, opts = gpus, {"num_gpus": 1, "num_cpus": 1}
     else:
-        fits = sum(int(r.get("CPU", 0)) // cpus_per_worker for r in nodes)
+        cpus = [int(r.get("CPU", 0)) for r in nodes]
+        cpus_per_worker = cpus_per_worker or max(1, min(DEFAULT_CPUS_PER_WORKER, max(cpus)))
+        fits = sum(c // cpus_per_worker for c in cpus)
         opts = {"num_cpus": cpus_per_worker}
         if not fits:
             raise ClusterError(f"no node of the Ray cluster has {cpus_per_worker} CPUs for a "
@@ -170,16 +188,17 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
                retries: int = DEFAULT_RETRIES, progress: bool = True,
                verbose: bool = False) -> Dict[str, Any]:
     """Segment every video of `source` on a Ray cluster into out_dir, a folder every node sees
-    (paths are made absolute: the nodes must see them at the same place). chunk_frames: None
-    for DEFAULT_CHUNK_FRAMES, 0 for whole videos only; cpus_per_worker: None for
-    DEFAULT_CPUS_PER_WORKER; workers: None for as many as the cluster holds. Returns the stats: a table of the videos (frames, fps, nodes) and
-    "failed", the videos the run went on without (--resume retries them). Raises ClusterError
-    (Ray missing or unreachable, no worker can start), ManifestError and SourceError.
+    (paths are made absolute: the nodes must see them at the same place).
+
+    chunk_frames: None for DEFAULT_CHUNK_FRAMES, 0 for whole videos only. cpus_per_worker and
+    workers: see start_workers (None: as many workers as the cluster holds). Returns the
+    stats: a table of the videos (frames, fps, nodes) and "failed", the videos the run went on
+    without (--resume retries them). Raises ClusterError (Ray missing or unreachable, no worker
+    can start), ManifestError and SourceError.
     """
     from tqdm import tqdm
 
     chunk_frames = DEFAULT_CHUNK_FRAMES if chunk_frames is None else chunk_frames
-    cpus_per_worker = cpus_per_worker or DEFAULT_CPUS_PER_WORKER
     export = os.path.abspath(export or default_export())
     model = sha256_file(os.path.join(export, MANIFEST_NAME))
     history = max([int(k) for k in load_manifest(export).temporal_offsets] + [1])
@@ -214,12 +233,11 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
 
     start = time.perf_counter()
     info: List[Dict[str, Any]] = []
+    loaded: List[float] = []                       # seconds until the workers had loaded
     redone: List[str] = []
-    with ExitStack() as stack:
-        bar = stack.enter_context(tqdm(total=sum(c.size for c in todo), unit="frame",
-                                       disable=not progress, file=sys.stderr,
-                                       dynamic_ncols=True, smoothing=0.1))
+    with ExitStack() as stack:                    # unwinds: bar, workers, Ray
         actors: List[Any] = []
+        bar: List[Any] = []                       # one progress bar over the whole corpus
 
         def execute(chunks: List[Chunk]) -> None:
             ray = stack.enter_context(ray_session(address, verbose))  # once: then a no-op
@@ -229,9 +247,16 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
                                               cpus_per_worker=cpus_per_worker, retries=retries)
                 actors.extend(started)
                 info.extend(said)
+                loaded.append(time.perf_counter() - start)
                 stack.callback(lambda: [ray.kill(a) for a in actors])
-                log.info("%d workers: %s", len(actors), info[0]["backend"])
-            done, errors = run_chunks(ray, actors, chunks, bar)
+                log.info("%d worker%s: %s", len(actors), "s" * (len(actors) != 1),
+                         info[0]["backend"])
+                bar.append(stack.enter_context(tqdm(
+                    total=0, unit="frame", disable=not progress, file=sys.stderr,
+                    dynamic_ncols=True, smoothing=0.1)))
+            bar[0].total += sum(c.size for c in chunks)
+            bar[0].refresh()
+            done, errors = run_chunks(ray, actors, chunks, bar[0])
             markers.update(done)
             for c, error in errors.items():
                 failed.setdefault(c.video, error)
@@ -256,7 +281,6 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
                 resumed.discard(c)
                 redo.append(dataclasses.replace(c, exact=True))
         if redo:
-            bar.total += sum(c.size for c in redo)
             execute(redo)
             for video in redone:
                 if video not in failed and seek_mismatches([markers[c] for c in plan[video]]):
@@ -266,7 +290,9 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
         sweep_stale(os.path.join(out_dir, video))  # temporaries of workers killed mid-write
         if fmt == "coco-rle" and video not in failed:
             join_coco(out_dir, chunks)
-    return _summary(plan, markers, resumed, failed, finished, info, fmt, wall, redone)
+    stats = _summary(plan, markers, resumed, failed, finished, info, fmt, wall, redone)
+    stats["startup_s"] = round(loaded[0], 3) if loaded else None
+    return stats
 
 
 def _summary(plan: Dict[str, List[Chunk]], markers: Dict[Chunk, Dict[str, Any]],
@@ -299,7 +325,7 @@ def _summary(plan: Dict[str, List[Chunk]], markers: Dict[Chunk, Dict[str, Any]],
         "chunks_resumed": len(resumed),
         "frames": sum(r["frames"] for r in table),
         "frames_resumed": sum(markers[c]["frames"] for c in resumed),
-        "wall_s": round(wall, 4),
+        "wall_s": round(wall, 4),     # startup_s (Ray and the workers loading) included
         # frames segmented by this run over its wall time (all workers together)
         "fps": round(now / wall, 3) if wall > 0 and now else None,
         "workers": info,
