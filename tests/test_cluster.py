@@ -5,6 +5,7 @@ and stopped here): `tbn-run --ray` equals one process, and a killed worker's chu
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -175,6 +176,22 @@ def test_markers_are_for_one_plan_model_and_format(seg, model, corpus, tmp_path)
     assert read_marker(out, c, "png", model) is None
 
 
+def test_users_mistakes_are_one_line(export_dir, corpus, tmp_path, capsys):
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    shutil.copy(os.path.join(corpus, "a.mp4"), twins / "x.mp4")
+    shutil.copy(os.path.join(corpus, "b.avi"), twins / "x.avi")
+    with pytest.raises(sources.SourceError, match="would both write x/"):
+        run_corpus(str(twins), str(tmp_path / "o"), export=export_dir, chunk_frames=10)
+    for argv, needle in ((["--workers", "2"], "--workers goes with --ray"),
+                         (["--ray", "--max-frames", "3"], "--max-frames is for one stream"),
+                         (["--ray", "--chunk-frames", "-1"], "--chunk-frames must be at least 0")):
+        assert tbn_run_main([os.path.join(corpus, "a.mp4"), *argv, "--out", str(tmp_path / "o"),
+                             "--model", export_dir, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+
+
 # -- on a local Ray ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_address():
@@ -200,32 +217,43 @@ def ray_address():
 
 
 def test_cli_ray_equals_single_run_and_resumes(ray_address, export_dir, corpus, tmp_path):
-    ref = _one_process(export_dir, corpus, tmp_path / "ref")
+    """Three videos (two chunked) and a broken one: the masks of the three equal one process's,
+    the broken one is reported (exit 2) without stopping the others; --resume keeps complete
+    chunks and does the missing one."""
+    src = tmp_path / "videos"
+    shutil.copytree(corpus, src)
+    (src / "d.mp4").write_text("not a video\n")
+    ref = tmp_path / "ref"
+    assert tbn_run_main([str(src), "--out", str(ref), "--model", export_dir, "--backend", "ort",
+                         "--device", "cpu", "--no-progress"]) == 2    # stops at d.mp4
     out, stats = tmp_path / "out", tmp_path / "stats.json"
-    cmd = [sys.executable, "-c", NO_TORCH, corpus, "--out", str(out), "--model", export_dir,
+    cmd = [sys.executable, "-c", NO_TORCH, str(src), "--out", str(out), "--model", export_dir,
            "--backend", "ort", "--device", "cpu", "--no-progress", "--ray", ray_address,
            "--chunk-frames", "10", "--cpus-per-worker", "1", "--stats", str(stats)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("tbn-run: error:")]
+    assert len(errors) == 1 and "1 video not done" in errors[0] and "d.mp4" in errors[0]
     assert "44 frames of 3 videos" in r.stdout
     assert _files(out) == _files(ref) and len(_files(ref)) == 44
     s = json.load(open(stats))
-    assert s["failed"] == [] and len(s["workers"]) == 2
+    assert [f["video"] for f in s["failed"]] == ["d"] and len(s["workers"]) == 2
     rows = {row["video"]: row for row in s["table"]}
     assert {v: (row["frames"], row["chunks"]) for v, row in rows.items()} == {
         "a": (25, 3), "b": (6, 1), "c": (13, 2)}
     assert all(row["fps"] > 0 and row["node"] for row in rows.values())
 
     # resume: every chunk complete, no worker needed; then one marker gone, one chunk redone
-    s = run_corpus(corpus, str(out), export=export_dir, backend="ort", device="cpu",
+    os.remove(src / "d.mp4")
+    s = run_corpus(str(src), str(out), export=export_dir, backend="ort", device="cpu",
                    chunk_frames=10, cpus_per_worker=1, resume=True, progress=False)
     assert s["chunks_resumed"] == 6 and s["workers"] == [] and s["videos_resumed"] == 3
     os.remove(out / ".tbn-cluster" / "a" / "00000010.json")
     os.remove(out / "a" / "00000012.png")
-    s = run_corpus(corpus, str(out), export=export_dir, backend="ort", device="cpu",
+    s = run_corpus(str(src), str(out), export=export_dir, backend="ort", device="cpu",
                    chunk_frames=10, workers=1, cpus_per_worker=1, resume=True, progress=False)
     assert s["chunks_resumed"] == 5 and s["frames"] - s["frames_resumed"] == 10
-    assert _files(out) == _files(ref)
+    assert s["failed"] == [] and _files(out) == _files(ref)
 
 
 def _children():

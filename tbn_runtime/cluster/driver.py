@@ -204,15 +204,18 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
     history = max([int(k) for k in load_manifest(export).temporal_offsets] + [1])
     out_dir = os.path.abspath(out_dir)
     videos = open_source(source) if isinstance(source, (str, os.PathLike)) else list(source)
+    seen: Dict[str, str] = {}
+    for v in videos:
+        if seen.setdefault(v.name, v.origin) != v.origin:
+            raise SourceError(f"{seen[v.name]} and {v.origin} would both write {v.name}/ in "
+                              f"{out_dir}; rename one")
     if not resume:
         shutil.rmtree(os.path.join(out_dir, STATE_DIR), ignore_errors=True)
     failed: Dict[str, str] = {}
     plan: Dict[str, List[Chunk]] = {}
     finished: List[str] = []                      # coco-rle videos complete before this run
     for v in videos:
-        if v.name in plan or v.name in failed:
-            failed[v.name] = f"{v.origin}: another video of the source is named {v.name}"
-        elif resume and fmt == "coco-rle" and MaskOutput(out_dir, fmt).video_complete(v.name):
+        if resume and fmt == "coco-rle" and MaskOutput(out_dir, fmt).video_complete(v.name):
             finished.append(v.name)
         else:
             try:
