@@ -192,8 +192,8 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
 
     chunk_frames: None for DEFAULT_CHUNK_FRAMES, 0 for whole videos only. cpus_per_worker and
     workers: see start_workers (None: as many workers as the cluster holds). Returns the
-    stats: a table of the videos (frames, fps, nodes) and "failed", the videos the run went on
-    without (--resume retries them). Raises ClusterError (Ray missing or unreachable, no worker
+    stats: a table of the videos (frames, fps, nodes) and "failed_videos" ({video: error}: each
+    logged as it fails; the run goes on without them, --resume retries them). Raises ClusterError (Ray missing or unreachable, no worker
     can start), ManifestError and SourceError.
     """
     from tqdm import tqdm
@@ -212,6 +212,12 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
     if not resume:
         shutil.rmtree(os.path.join(out_dir, STATE_DIR), ignore_errors=True)
     failed: Dict[str, str] = {}
+
+    def fail(video: str, error: str) -> None:
+        if video not in failed:
+            failed[video] = error
+            log.warning("%s", error)
+
     plan: Dict[str, List[Chunk]] = {}
     finished: List[str] = []                      # coco-rle videos complete before this run
     for v in videos:
@@ -221,7 +227,7 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
             try:
                 plan[v.name] = plan_video(v, chunk_frames, history)
             except SourceError as e:
-                failed[v.name] = str(e)
+                fail(v.name, str(e))
     markers: Dict[Chunk, Dict[str, Any]] = {}
     for video, chunks in plan.items():
         sweep_stale(state_dir(out_dir, video))
@@ -262,7 +268,7 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
             done, errors = run_chunks(ray, actors, chunks, bar[0])
             markers.update(done)
             for c, error in errors.items():
-                failed.setdefault(c.video, error)
+                fail(c.video, error)
 
         if todo:
             execute(todo)
@@ -273,7 +279,7 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
                 continue
             seeked = [c for c in chunks if c.start and markers[c]["read"] == "seek"]
             if not seeked:
-                failed[video] = _not_repeatable(chunks)
+                fail(video, _not_repeatable(chunks))
                 continue
             log.warning("%s: seeking is not frame-exact for this file; its chunks after the "
                         "first are done again, decoded from frame 0", chunks[0].origin)
@@ -287,7 +293,7 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
             execute(redo)
             for video in redone:
                 if video not in failed and seek_mismatches([markers[c] for c in plan[video]]):
-                    failed[video] = _not_repeatable(plan[video])
+                    fail(video, _not_repeatable(plan[video]))
     wall = time.perf_counter() - start
     for video, chunks in plan.items():
         sweep_stale(os.path.join(out_dir, video))  # temporaries of workers killed mid-write
@@ -334,5 +340,5 @@ def _summary(plan: Dict[str, List[Chunk]], markers: Dict[Chunk, Dict[str, Any]],
         "workers": info,
         "videos_decoded_from_start": redone,
         "table": table,
-        "failed": [{"video": v, "error": e} for v, e in failed.items()],
+        "failed_videos": failed,
     }
