@@ -89,10 +89,14 @@ def _capture_frames(cap: "cv2.VideoCapture", origin: str, count: Optional[int],
                           f"the masks of frames {first}..{n - 1} were written")
 
 
+def _open_file(path: str) -> "cv2.VideoCapture":
+    return _capture(path, f"{path}: cannot open as a video (not a video, or damaged/truncated)")
+
+
 def _video_file(path: str, name: Optional[str] = None) -> Video:
     if os.path.getsize(path) == 0:
         raise SourceError(f"{path}: the file is empty (0 bytes)")
-    cap = _capture(path, f"{path}: cannot open as a video (not a video, or damaged/truncated)")
+    cap = _open_file(path)
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     return Video(name or os.path.splitext(os.path.basename(path))[0], "file", path, float(fps),
@@ -222,15 +226,15 @@ def frames_from(kind: str, origin: str, start: int,
     """Frames start, start+1, ... to the end of a video file or a frame folder (a Video's kind
     and origin), named as Video.frames() names them: one chunk of a long video, read on its own.
 
-    Video files seek (`_seek`); exact=True decodes from frame 0 instead and drops the frames
-    before `start` undecoded to colour (grab()): slower, and exact for every file.
+    Video files seek (`_seek`); exact=True decodes from frame 0 instead, skipping the BGR
+    conversion of the frames before `start` (grab()): slower, and exact for every file.
     """
     if kind == "frames":
         files = _image_files(origin) if os.path.isdir(origin) else [origin]
         return _image_frames(files[start:])
     if kind != "file":
         raise SourceError(f"{origin}: a live {kind} cannot be read from frame {start}")
-    cap = _capture(origin, f"{origin}: cannot open as a video (not a video, or damaged/truncated)")
+    cap = _open_file(origin)
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     if start and exact:
         for _ in range(start):
