@@ -3,6 +3,7 @@
     tbn-run SOURCE --out DIR [--model EXPORT] [--backend auto|trt|ort|torch] [--device cpu|cuda]
             [--format png|npy|coco-rle] [--overlay F.mp4] [--stats F.json]
             [--overwrite | --resume] [--max-frames N] [-v | -q] [--no-progress]
+            [--ray [ADDRESS] [--chunk-frames F] [--workers N] [--cpus-per-worker C]]
 
 Also `python -m tbn_runtime ...`. The command is tbn_runtime.Segmenter plus
 tbn_runtime.stream.run_stream; what it adds is the care a command owes its user: a lock on
@@ -74,6 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "video that ends is replaced by the next")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames in all")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = p.add_argument_group("a corpus across a Ray cluster (pip install 'tbn-vit[cluster]'; "
+                               "docs/cluster.md)")
+    ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                     help="share the videos out to Ray workers, one per GPU (or per "
+                          "--cpus-per-worker cores), writing to an --out every node sees. "
+                          "ADDRESS: HOST:PORT of the head, or 'local' (a Ray started here for "
+                          "this run); none: $RAY_ADDRESS, else the cluster `ray start` began "
+                          "on this machine, else a Ray started here")
+    # the defaults are tbn_runtime.cluster's (not imported before --help is answered)
+    ray.add_argument("--chunk-frames", type=int, metavar="F", default=1000,
+                     help="cut videos longer than F frames into chunks that workers run side "
+                          "by side, masks identical to one run's (0: whole videos only)")
+    ray.add_argument("--workers", type=int, metavar="N", default=0,
+                     help="at most N workers (0: as many as the cluster holds)")
+    ray.add_argument("--cpus-per-worker", type=int, metavar="C", default=0,
+                     help="CPU cores per worker where a node has no GPU (0: 4, or all the "
+                          "cores of the largest node if it has fewer)")
     add_verbosity_flags(p)
     return p
 
@@ -97,17 +115,53 @@ def _check_writable(path: str, flag: str) -> None:
         raise OSError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
 
 
+def _corpus(args: argparse.Namespace, videos: list) -> int:
+    """--ray: the videos across a Ray cluster (tbn_runtime.cluster), then the same report as one
+    stream's; exit 1 if some videos could not be done."""
+    import json
+
+    from .cluster import run_corpus
+    from .files import atomic_write_text
+    from .stream import summary_line
+
+    stats = run_corpus(videos, args.out, export=args.model, backend=args.backend,
+                       device=args.device, fmt=args.format, address=args.ray or None,
+                       chunk_frames=args.chunk_frames, workers=args.workers or None,
+                       cpus_per_worker=args.cpus_per_worker or None, resume=args.resume,
+                       progress=not (args.no_progress or args.quiet), verbose=args.verbose)
+    stats["sources"] = args.sources
+    if args.stats:
+        atomic_write_text(args.stats, json.dumps(stats, indent=2) + "\n")
+    print(f"{PROG}: {summary_line(stats, args.out)}")
+    return 1 if stats["failed_videos"] else 0  # each said as it failed; --resume retries
+
+
 def _on_sigterm(signum, frame):  # noqa: ARG001
     raise Stopped()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging(PROG, args.verbose, args.quiet)
     if args.max_frames is not None and args.max_frames < 1:
         return _fail("--max-frames must be at least 1")
     if not 1 <= args.streams <= 256:
         return _fail("--streams must be in 1..256")
+    for dest in ("chunk_frames", "workers", "cpus_per_worker"):
+        if args.ray is None and getattr(args, dest) != parser.get_default(dest):
+            return _fail(f"--{dest.replace('_', '-')} goes with --ray")
+    if args.ray is not None and (args.overlay or args.max_frames):
+        return _fail(f"{'--overlay' if args.overlay else '--max-frames'} is for one stream; "
+                     f"not with --ray")
+    if args.ray is not None and args.streams > 1:
+        return _fail("--streams batches videos inside one process; with --ray each worker "
+                     "streams one video (or chunk) at a time: ask for more --workers instead")
+    for flag, value, least in (("--chunk-frames", args.chunk_frames, 0),
+                               ("--workers", args.workers, 0),
+                               ("--cpus-per-worker", args.cpus_per_worker, 0)):
+        if value < least:
+            return _fail(f"{flag} must be at least {least}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return _fail(f"--out {args.out} exists and is not a folder")
 
@@ -116,6 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     from .backends import BackendError
+    from .cluster import ClusterError
     from .files import FolderLock, LockError, atomic_write_text, sweep_stale
     from .manifest import ManifestError
     from .outputs import has_outputs
@@ -142,6 +197,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.stats:
             _check_writable(args.stats, "--stats")
         videos = [v for source in args.sources for v in open_source(source)]
+        if args.ray is not None:
+            return _corpus(args, videos)
         seg = Segmenter(args.model, backend=args.backend, device=args.device,
                         streams=args.streams)
         log.info("model %s; backend %s", seg.export, seg.why)
@@ -162,7 +219,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{PROG}: {summary_line(stats, args.out)}")
         return 1 if stats.get("failed_videos") else 0
     except (SourceError, ManifestError, BackendError, StreamError, OverlayError,
-            LockError) as e:
+            LockError, ClusterError) as e:
         return _fail(str(e))
     except OSError as e:
         return _fail(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}"

@@ -79,11 +79,14 @@ class Segmenter:
     device: "cuda", "cpu" or None for the best one present.
     streams: how many videos run at once (tbn-run --streams; see tbn_runtime.lanes): each has
     its own ring, and their frames share the engine calls (`segment_many`).
+    threads: CPU threads of the engines (ONNX Runtime's intra-op pool, or torch's), for several
+    processes sharing a machine (tbn-run --ray); default: one per core.
     Raises ManifestError (a bad export) or BackendError (a backend that cannot run here).
     """
 
     def __init__(self, export: Optional[str] = None, backend: Union[str, Backend] = "auto",
-                 device: Optional[str] = None, streams: int = 1) -> None:
+                 device: Optional[str] = None, streams: int = 1,
+                 threads: Optional[int] = None) -> None:
         if isinstance(backend, Backend):
             self.backend = backend
             self.why = f"{backend.name} as given"
@@ -91,7 +94,8 @@ class Segmenter:
             export = export or default_export()
             manifest = load_manifest(export)
             cls, device, self.why = select_backend(backend, manifest, device, export)
-            self.backend = cls(export, manifest, device, streams)
+            options = {"threads": threads} if threads and cls.name != "trt" else {}
+            self.backend = cls(export, manifest, device, streams, **options)
         self.manifest = self.backend.manifest
         self.export = self.backend.export_dir
         #: class names by train id, and their colours (BGR) for colorize()

@@ -67,10 +67,11 @@ def frame_name(index: int) -> str:
     return f"{index:08d}"
 
 
-def _capture_frames(cap: "cv2.VideoCapture", origin: str,
-                    count: Optional[int]) -> Iterator[Tuple[str, np.ndarray]]:
-    """Frames of an open capture, named by frame_name; checks emptiness and truncation."""
-    n = 0
+def _capture_frames(cap: "cv2.VideoCapture", origin: str, count: Optional[int],
+                    first: int = 0) -> Iterator[Tuple[str, np.ndarray]]:
+    """Frames of an open capture positioned at frame `first`, named by frame_name; checks
+    emptiness and truncation."""
+    n = first
     try:
         while True:
             ok, frame = cap.read()
@@ -80,17 +81,22 @@ def _capture_frames(cap: "cv2.VideoCapture", origin: str,
             n += 1
     finally:
         cap.release()
-    if n == 0:
-        raise SourceError(f"{origin}: the video has no frames (empty)")
+    if n == first:
+        raise SourceError(f"{origin}: the video has no frames" +
+                          (f" from frame {first} on" if first else " (empty)"))
     if count is not None and n < count:
         raise SourceError(f"{origin}: the video breaks off at frame {n} of {count} (truncated); "
-                          f"the masks of frames 0..{n - 1} were written")
+                          f"the masks of frames {first}..{n - 1} were written")
+
+
+def _open_file(path: str) -> "cv2.VideoCapture":
+    return _capture(path, f"{path}: cannot open as a video (not a video, or damaged/truncated)")
 
 
 def _video_file(path: str, name: Optional[str] = None) -> Video:
     if os.path.getsize(path) == 0:
         raise SourceError(f"{path}: the file is empty (0 bytes)")
-    cap = _capture(path, f"{path}: cannot open as a video (not a video, or damaged/truncated)")
+    cap = _open_file(path)
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     return Video(name or os.path.splitext(os.path.basename(path))[0], "file", path, float(fps),
@@ -106,10 +112,15 @@ def _image_frames(files: List[str]) -> Iterator[Tuple[str, np.ndarray]]:
         yield os.path.splitext(os.path.basename(path))[0], frame
 
 
+def _image_files(folder: str) -> List[str]:
+    """The images of a folder in natural order (frame_2 before frame_10)."""
+    return sorted((os.path.join(folder, f) for f in os.listdir(folder)
+                   if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")),
+                  key=lambda p: _natural_key(os.path.basename(p)))
+
+
 def _image_folder(folder: str, name: str) -> Optional[Video]:
-    files = sorted((os.path.join(folder, f) for f in os.listdir(folder)
-                    if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")),
-                   key=lambda p: _natural_key(os.path.basename(p)))
+    files = _image_files(folder)
     if not files:
         return None
     return Video(name, "frames", folder, 25.0, len(files), lambda: _image_frames(files))
@@ -201,6 +212,37 @@ def open_source(source: str) -> List[Video]:
                   lambda: _image_frames([source]))
         return [v]
     return [_video_file(source)]
+
+
+def _seek(cap: "cv2.VideoCapture", index: int) -> None:
+    """Position a capture at frame `index`. OpenCV's FFmpeg reader seeks to the keyframe before
+    and decodes forward to the frame whose timestamp is index / fps: frame-exact for constant
+    frame rate files, not necessarily for variable frame rate ones (tbn_runtime.cluster checks)."""
+    cap.set(cv2.CAP_PROP_POS_FRAMES, index)
+
+
+def frames_from(kind: str, origin: str, start: int,
+                exact: bool = False) -> Iterator[Tuple[str, np.ndarray]]:
+    """Frames start, start+1, ... to the end of a video file or a frame folder (a Video's kind
+    and origin), named as Video.frames() names them: one chunk of a long video, read on its own.
+
+    Video files seek (`_seek`); exact=True decodes from frame 0 instead, skipping the BGR
+    conversion of the frames before `start` (grab()): slower, and exact for every file.
+    """
+    if kind == "frames":
+        files = _image_files(origin) if os.path.isdir(origin) else [origin]
+        return _image_frames(files[start:])
+    if kind != "file":
+        raise SourceError(f"{origin}: a live {kind} cannot be read from frame {start}")
+    cap = _open_file(origin)
+    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    if start and exact:
+        for _ in range(start):
+            if not cap.grab():
+                break
+    elif start:
+        _seek(cap, start)
+    return _capture_frames(cap, origin, count if count > 0 else None, first=start)
 
 
 # -- the decoder thread ------------------------------------------------------------------------

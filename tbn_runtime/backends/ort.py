@@ -83,7 +83,8 @@ class OrtBackend(Backend):
         return True, f"onnxruntime {ort.__version__} ({_CUDA_EP if device == 'cuda' else _CPU_EP})"
 
     def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu",
-                 streams: int = 1, *, spinning: bool = True) -> None:
+                 streams: int = 1, *, spinning: bool = True,
+                 threads: Optional[int] = None) -> None:
         super().__init__(export_dir, manifest, device, streams)
         ok, reason = self.available(device)
         if not ok:
@@ -93,8 +94,10 @@ class OrtBackend(Backend):
         feature_path = manifest.verify_file(export_dir, "feature.onnx")
         temporal_path = manifest.verify_file(export_dir, "temporal.onnx")
         pin = 1 if streams == 1 else None  # one stream: the batch axis is always 1
-        self.feature_sess = create_session(feature_path, device, spinning=spinning, batch=pin)
-        self.temporal_sess = create_session(temporal_path, device, spinning=spinning, batch=pin)
+        self.feature_sess = create_session(feature_path, device, spinning=spinning, batch=pin,
+                                           threads=threads)
+        self.temporal_sess = create_session(temporal_path, device, spinning=spinning, batch=pin,
+                                            threads=threads)
         if device == "cuda" and _CUDA_EP not in self.feature_sess.get_providers():
             raise BackendError("ONNX Runtime did not start the CUDA execution provider (no GPU "
                                "or CUDA/cuDNN libraries missing); use --device cpu")

@@ -75,7 +75,8 @@ class TorchBackend(Backend):
         return True, "PyTorch"
 
     def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu",
-                 streams: int = 1, cuda_graphs: bool = True) -> None:
+                 streams: int = 1, cuda_graphs: bool = True,
+                 threads: Optional[int] = None) -> None:
         super().__init__(export_dir, manifest, device, streams)
         ok, reason = self.available(device)
         if not ok:
@@ -84,6 +85,8 @@ class TorchBackend(Backend):
         from tbn_train.checkpoint import CheckpointError, load_model
 
         self._torch = torch
+        if threads:  # torch's thread pool is the process's: one worker per process (Ray)
+            torch.set_num_threads(int(threads))
         path = _checkpoint_path(export_dir, manifest)
         try:
             model, _ = load_model(path)
