@@ -145,9 +145,8 @@ def reference_indices(t: int, length: int, offsets: Sequence[int], reference: st
                 VSPW baseline's TestDataset_longclip.
     `reverse` swaps the direction (the baseline's random temporal reversal in training). Each
     direction keeps its fallback: a past reference clamps to frame 0, a future one falls back to
-    the past near the end. (The baseline samples only anchors with room in the drawn direction;
-    here every frame is an anchor, so frames near a video's ends read their references from the
-    side that has them more often than there.) No offsets: [t].
+    the past near the end. (The baseline draws only anchors with room in the drawn direction;
+    here every frame is an anchor and falls back instead.) No offsets: [t].
     """
     if not offsets:
         return [t]
