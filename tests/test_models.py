@@ -142,10 +142,11 @@ def test_stppm_pyramid_normalises_before_upsampling():
     torch.manual_seed(8)
     frames = [torch.randn(1, model.feature_chs, 6, 8) for _ in range(4)]
     branch = model.branches[1]  # scale 2
+    F = torch.nn.functional
     with torch.no_grad():
-        pooled = torch.stack([torch.nn.functional.adaptive_avg_pool2d(f, 2) for f in frames]).mean(0)
-        want = torch.nn.functional.interpolate(branch.conv(pooled), size=(6, 8), mode="bilinear",
-                                               align_corners=False)  # conv-BN-ReLU, then upsample
+        pooled = torch.stack([F.adaptive_avg_pool2d(f, 2) for f in frames]).mean(0)
+        want = F.interpolate(branch.conv(pooled), size=(6, 8), mode="bilinear",
+                             align_corners=False)  # conv-BN-ReLU, then upsample
         torch.testing.assert_close(branch(frames, (6, 8)), want)
 
 

@@ -108,7 +108,8 @@ def test_future_frame_preset_trains_and_evaluates(synth_root, tmp_path, monkeypa
     monkeypatch.setattr(VSPWClips, "__init__", spy)
     out = tmp_path / "run"
     rc = train.main(["--preset", "demo", "--data", str(synth_root), "--out", str(out),
-                     "--set", "model=stppm_tiny", "--set", "model_kwargs={reference_frames: future}",
+                     "--set", "model=stppm_tiny",
+                     "--set", "model_kwargs={reference_frames: future}",
                      "--temporal-reverse", "0.5", "--backbone-lr-mult", "0.1", "--no-decay",
                      "bias", "--crop-size", "64", "64", "--batch-size", "2", "--iters", "2",
                      "--workers", "0", "--device", "cpu"])

@@ -62,8 +62,9 @@ class TimmBackbone(nn.Module):
 # CSAIL's deep-stem ResNet (semantic-segmentation-pytorch, the VSPW baseline's encoder) names its
 # three stem convolutions conv1..3 with bn1..3; timm's deep stem is the Sequential conv1.0..6
 # followed by bn1. The residual stages have the same names in both.
-_CSAIL_STEM = {"conv1.weight": "conv1.0.weight", "bn1.": "conv1.1.", "conv2.weight": "conv1.3.weight",
-               "bn2.": "conv1.4.", "conv3.weight": "conv1.6.weight", "bn3.": "bn1."}
+_CSAIL_STEM = {"conv1.weight": "conv1.0.weight", "bn1.": "conv1.1.",
+               "conv2.weight": "conv1.3.weight", "bn2.": "conv1.4.",
+               "conv3.weight": "conv1.6.weight", "bn3.": "bn1."}
 
 
 def csail_resnet_filter(state_dict: Dict[str, torch.Tensor], model: nn.Module
