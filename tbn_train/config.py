@@ -1,6 +1,6 @@
 """Training configuration: one dataclass, packaged presets (YAML), user YAMLs and CLI overrides.
 
-Order of precedence: dataclass defaults (the paper's recipe for tbn_swin_l) < `--preset NAME`
+Order of precedence: dataclass defaults (tbn_swin_l's settings) < `--preset NAME`
 (tbn_train/configs/NAME.yaml) or `--config FILE` < CLI flags (`--lr 0.01`, `--iters 100`,
 `--set key=value`). Unknown presets and fields raise ValueError with the known names.
 """
@@ -35,6 +35,7 @@ class TrainConfig:
     eval_size: Tuple[int, int] = (480, 853)
     scale_range: Tuple[float, float] = (0.5, 2.0)
     flip: bool = True
+    temporal_reverse: float = 0.0        # P(a training clip runs backwards); VSPW baseline: 0.5
     workers: int = 4
     # batch: global batch = batch_size * accum * world size
     batch_size: int = 1                  # clips per process per micro-step
@@ -44,8 +45,10 @@ class TrainConfig:
     iters: int = 80000                   # > 0 wins over epochs
     epochs: int = 0
     lr: float = 0.002
+    backbone_lr_mult: float = 1.0        # stage-1 lr factor of the backbone (VSPW baseline: 0.1)
     momentum: float = 0.9
     weight_decay: float = 0.0005
+    no_decay: str = "norm_bias_pos"      # norm_bias_pos (timm, mmseg) | bias (VSPW baseline) | none
     poly_power: float = 0.9
     warmup_iters: int = 0
     warmup_ratio: float = 0.1

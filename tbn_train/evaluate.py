@@ -8,6 +8,8 @@ computed once and kept in a ring of max(offsets) + 1 tensors (tbn_runtime.tempor
 frame t is classified from F_t and F_max(t-k, 0) for k in the model's offsets. This equals
 running `model(clip)` on the clip [t-9, t-6, t-3, t] for every frame (the naive pipeline), with
 a quarter of the backbone work. The runtime's torch backend and the benchmarks reuse it.
+A model trained on future references (`reference_frames == "future"`, the VSPW baseline's
+protocol) is evaluated as the baseline's test code does: frame t waits for frame t+9.
 """
 
 import argparse
@@ -28,17 +30,12 @@ from tbn_runtime.preprocess import normalize_bgr
 from tbn_runtime.temporal import FeatureRing
 
 from .checkpoint import CheckpointError, load_model
-from .data.vspw import DatasetError, index_split, iter_video
+from .data.vspw import DatasetError, index_split, iter_video, reference_indices
 from .distributed import pick_device
 
 
-@torch.no_grad()
-def predict_logits(model, frames: Iterable[np.ndarray], device) -> Iterator[torch.Tensor]:
-    """Logits (1 x K x H x W, on `device`) of every frame of one video, in order."""
-    model.eval()
-    device = torch.device(device)
-    offsets = tuple(model.temporal_offsets)
-    ring: Optional[FeatureRing] = None
+def _frame_tensors(frames: Iterable[np.ndarray], device) -> Iterator[torch.Tensor]:
+    """Each frame as a normalised 1 x 3 x H x W tensor on `device`; all of one size."""
     size = None
     for frame in frames:
         x = torch.from_numpy(normalize_bgr(frame)).unsqueeze(0).to(device)
@@ -48,6 +45,21 @@ def predict_logits(model, frames: Iterable[np.ndarray], device) -> Iterator[torc
         elif size != (h, w):
             raise ValueError(f"frame size {h}x{w} differs from the video's first frame "
                              f"{size[0]}x{size[1]}; all frames of a video must have one size")
+        yield x
+
+
+@torch.no_grad()
+def predict_logits(model, frames: Iterable[np.ndarray], device) -> Iterator[torch.Tensor]:
+    """Logits (1 x K x H x W, on `device`) of every frame of one video, in order."""
+    model.eval()
+    device = torch.device(device)
+    offsets = tuple(model.temporal_offsets)
+    if offsets and getattr(model, "reference_frames", "past") == "future":
+        yield from _predict_lookahead(model, _frame_tensors(frames, device))
+        return
+    ring: Optional[FeatureRing] = None
+    for x in _frame_tensors(frames, device):
+        h, w = x.shape[-2:]
         feat = model.frame_features(x)
         if not offsets:
             yield model.temporal_head(feat, [], out_size=(h, w))
@@ -56,6 +68,29 @@ def predict_logits(model, frames: Iterable[np.ndarray], device) -> Iterator[torc
             ring = FeatureRing([torch.empty_like(feat) for _ in range(max(offsets) + 1)], offsets)
         ring.write_target().copy_(feat)
         yield model.temporal_head(feat, ring.past(), out_size=(h, w))
+
+
+def _predict_lookahead(model, images: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """A "future" model (the VSPW baseline's test protocol): frame t is classified once frame
+    t + max(offsets) is in, from `reference_indices(t, frames so far, offsets, "future")`, and
+    the last frames of the video read their past. Each frame's features are computed once."""
+    offsets, span = tuple(model.temporal_offsets), max(model.temporal_offsets)
+    feats: dict = {}
+    size, n, t = None, 0, 0
+
+    def head(t: int) -> torch.Tensor:
+        idx = reference_indices(t, n, offsets, "future")  # references first, t last
+        return model.temporal_head(feats[t], [feats[i] for i in idx[-2::-1]], out_size=size)
+
+    for x in images:
+        size = tuple(x.shape[-2:])
+        feats[n], n = model.frame_features(x), n + 1
+        while t + span < n:
+            yield head(t)
+            feats.pop(t - span, None)  # no later frame reads it
+            t += 1
+    for t in range(t, n):  # the last frames of the video: their references lie in the past
+        yield head(t)
 
 
 def predict_video(model, frames: Iterable[np.ndarray], device) -> Iterator[np.ndarray]:

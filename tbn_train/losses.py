@@ -1,10 +1,14 @@
 """Training losses: cross-entropy and OHEM cross-entropy (ignore 255), plus the auxiliary total.
 
 - `cross_entropy`: mean over labelled pixels (stage 1 of the paper).
-- `ohem_cross_entropy`: Online Hard Example Mining (stage 2): keep the pixels whose softmax
-  probability of the true class is below `thresh`; if fewer than `min_kept` pixels qualify, keep
-  the `min_kept` hardest labelled pixels instead (lowest probability of the true class). The
-  loss is the mean cross-entropy over the kept pixels; all other pixels are ignored.
+- `ohem_cross_entropy`: Online Hard Example Mining (stage 2): in each image, keep the pixels
+  whose softmax probability of the true class is below `thresh`; if fewer than `min_kept`
+  pixels of that image qualify, keep its `min_kept` hardest labelled pixels instead (lowest
+  probability of the true class). The loss is the mean cross-entropy over the kept pixels of
+  the batch; all other pixels are ignored. `min_kept` counts per image, so what an image keeps
+  does not depend on how many clips share its micro-batch (one per GPU, or several with
+  accumulation). mmsegmentation's OHEMPixelSampler also scales min_kept by the batch size, but
+  with one threshold over the whole batch.
 - `total_loss`: main loss + aux_weight * sum of the auxiliary heads' losses (BiSeNet).
 """
 
@@ -28,25 +32,23 @@ def ohem_keep_mask(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0
                    min_kept: int = 100000, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Boolean B x H x W mask of the pixels OHEM trains on (see the module docstring).
 
-    Pixels labelled `ignore_index` are never kept. If fewer than `min_kept` labelled pixels
-    exist, all of them are kept.
+    Per image: pixels labelled `ignore_index` are never kept; an image with fewer than
+    `min_kept` labelled pixels keeps all of them.
     """
     with torch.no_grad():
         valid = target != ignore_index
         safe = torch.where(valid, target, torch.zeros_like(target))
         prob = torch.softmax(logits.float(), dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
-        keep = valid & (prob < thresh)
-        n_valid = int(valid.sum())
-        if int(keep.sum()) >= min_kept or n_valid == 0:
-            return keep
-        if n_valid <= min_kept:
-            return valid
-        # Fewer hard pixels than min_kept: the min_kept labelled pixels of lowest probability.
-        flat = torch.where(valid, prob, torch.full_like(prob, float("inf"))).flatten()
-        idx = torch.topk(flat, min_kept, largest=False, sorted=False).indices
-        keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[idx] = True
-        return keep.view_as(valid)
+        keep = (valid & (prob < thresh)).flatten(1)
+        short = keep.sum(1) < min_kept  # images with too few hard pixels
+        if min_kept <= 0 or not short.any():
+            return keep.view_as(valid)
+        # Those images keep their min_kept labelled pixels of lowest probability instead.
+        flat = torch.where(valid, prob, torch.full_like(prob, float("inf"))).flatten(1)
+        k = min(min_kept, flat.shape[1])
+        idx = torch.topk(flat, k, dim=1, largest=False, sorted=False).indices
+        hardest = torch.zeros_like(keep).scatter_(1, idx, True) & valid.flatten(1)
+        return torch.where(short.unsqueeze(1), hardest, keep).view_as(valid)
 
 
 def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7,

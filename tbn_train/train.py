@@ -48,6 +48,7 @@ from .data.vspw import DatasetError, VSPWClips
 from .distributed import DistInfo
 from .evaluate import evaluate_model
 from .models import build_model
+from .optim import build_optimizer, lr_factor
 from .sampling import GlobalBatchSampler, SeededItems
 
 
@@ -78,9 +79,10 @@ def create_model(cfg: TrainConfig, stage: int, out: Path, resume: bool) -> nn.Mo
 
 
 def build_loader(cfg: TrainConfig, model, info: DistInfo, accum: int):
-    dataset = VSPWClips(cfg.data, cfg.train_split, offsets=model.temporal_offsets or (0,),
+    dataset = VSPWClips(cfg.data, cfg.train_split, offsets=model.temporal_offsets,
                         crop_size=tuple(cfg.crop_size), scale_range=tuple(cfg.scale_range),
-                        flip=cfg.flip, train=True)
+                        flip=cfg.flip, train=True, reference=model.reference_frames,
+                        reverse_prob=cfg.temporal_reverse)
     sampler = GlobalBatchSampler(len(dataset), cfg.batch_size, accum, info.world_size,
                                  info.rank, cfg.seed)
     loader = torch.utils.data.DataLoader(SeededItems(dataset), batch_sampler=sampler,
@@ -101,29 +103,6 @@ def micro_batches(loader, sampler: GlobalBatchSampler, start_step: int):
 
 def micro_seed(seed: int, stage: int, step: int, micro: int) -> int:
     return (((seed * 7 + stage) * 1000003 + step) * 1009 + micro) % (2**63 - 1)
-
-
-def build_optimizer(model, cfg: TrainConfig, stage: int) -> torch.optim.SGD:
-    if stage == 1:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
-    else:
-        context = {id(p) for p in model.context_parameters()}
-        groups = [
-            {"params": [p for p in model.parameters() if id(p) in context],
-             "lr": cfg.stage2_lr_context},
-            {"params": [p for p in model.parameters() if id(p) not in context],
-             "lr": cfg.stage2_lr_rest},
-        ]
-    return torch.optim.SGD(groups, lr=groups[-1]["lr"], momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
-
-
-def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
-    """Poly decay (1 - step/total)^power, after an optional linear warmup."""
-    factor = (1.0 - min(step, total) / total) ** cfg.poly_power
-    if cfg.warmup_iters > 0 and step < cfg.warmup_iters:
-        factor *= cfg.warmup_ratio + (1.0 - cfg.warmup_ratio) * step / cfg.warmup_iters
-    return factor
 
 
 def resolve_accum(cfg: TrainConfig, world: int) -> int:

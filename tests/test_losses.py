@@ -75,3 +75,19 @@ def test_total_loss_adds_weighted_aux():
     out = total_loss(make_criterion("ce"), logits, aux, target, aux_weight=0.4)
     want = F.cross_entropy(logits, target) + 0.4 * sum(F.cross_entropy(a, target) for a in aux)
     assert torch.allclose(out["loss"], want)
+
+
+def test_ohem_min_kept_counts_per_image():
+    logits, target = _case()
+    # image 0: the hand-made case; image 1: every pixel easy (p = 0.99 for its label)
+    easy = torch.zeros_like(logits)
+    easy[0, 0], easy[0, 1] = math.log(0.99), math.log(0.01)
+    two_logits = torch.cat([logits, easy])
+    two_target = torch.cat([target, torch.zeros_like(target)])
+    keep = ohem_keep_mask(two_logits, two_target, thresh=0.7, min_kept=3)
+    # image 0 has 4 pixels under 0.7 (enough); image 1 none, so it keeps 3 of its own pixels
+    assert _kept(keep[0]) == [1, 2, 4, 7]
+    assert int(keep[1].sum()) == 3
+    # the same image alone or in a batch keeps the same pixels
+    alone = ohem_keep_mask(logits, target, thresh=0.7, min_kept=6)
+    assert torch.equal(ohem_keep_mask(two_logits, two_target, 0.7, 6)[0], alone[0])

@@ -102,12 +102,81 @@ def test_past_grad_switch_same_output():
 
 def test_swin_l_parameter_count():
     model = build_model("tbn_swin_l")
-    backbone = sum(p.numel() for p in model.context_parameters())
+    backbone = sum(p.numel() for p in model.backbone_parameters())
     total = sum(p.numel() for p in model.parameters())
     print(f"tbn_swin_l: {total / 1e6:.2f} M parameters, Swin-L features {backbone / 1e6:.2f} M")
     assert abs(backbone / 1e6 - 195.2) < 0.1
     # BiSeNet heads on top: ARMs, context convs, spatial path, FFM, classifier, aux heads
     assert 4e6 < total - backbone < 6e6
+    # mmseg's Swin: stage 4 (12 x 12 at timm's 384, 15 x 15 at 480) shifts its windows too
+    assert model.context_path.backbone.model.layers[3].blocks[1].shift_size == (6, 6)
+
+
+def test_context_path_is_backbone_arms_and_merging_convs(tiny):
+    context = {id(p) for p in tiny.context_parameters()}
+    backbone = {id(p) for p in tiny.backbone_parameters()}
+    assert backbone < context
+    for name in ("arm16", "arm32", "conv_avg", "head32", "head16"):
+        assert all(id(p) in context for p in getattr(tiny.context_path, name).parameters()), name
+    for part in (tiny.spatial_path, tiny.ffm, tiny.classifier, tiny.aux16, tiny.aux32):
+        assert not any(id(p) in context for p in part.parameters())
+
+
+def test_swin_stages_shift_and_are_normalised():
+    # Swin-T's stage 4 is 7 x 7 at timm's 224 = one window: timm alone would never shift it
+    swin_t = build_model("bisenet_swin_t").context_path.backbone.model
+    assert all(any(b.shift_size) for layer in swin_t.layers for b in layer.blocks[1::2])
+    # each stage read is LayerNormed over its channels (fresh norms: weight 1, bias 0)
+    backbone = build_model("tbn_tiny").context_path.backbone
+    with torch.no_grad():
+        feats = backbone(torch.randn(2, 3, 64, 96))
+    assert len(feats) == 2
+    for f in feats:
+        torch.testing.assert_close(f.mean(1), torch.zeros_like(f[:, 0]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(f.var(1, unbiased=False), torch.ones_like(f[:, 0]),
+                                   atol=1e-2, rtol=0)
+
+
+def test_stppm_pyramid_normalises_before_upsampling():
+    model = randomize_batchnorm(build_model("stppm_tiny", num_classes=5)).eval()
+    torch.manual_seed(8)
+    frames = [torch.randn(1, model.feature_chs, 6, 8) for _ in range(4)]
+    branch = model.branches[1]  # scale 2
+    F = torch.nn.functional
+    with torch.no_grad():
+        pooled = torch.stack([F.adaptive_avg_pool2d(f, 2) for f in frames]).mean(0)
+        want = F.interpolate(branch.conv(pooled), size=(6, 8), mode="bilinear",
+                             align_corners=False)  # conv-BN-ReLU, then upsample
+        torch.testing.assert_close(branch(frames, (6, 8)), want)
+
+
+def test_stppm_one_clip_batchnorm_is_refused_clearly():
+    model = build_model("stppm_tiny", num_classes=5).train()
+    with pytest.raises(ValueError, match="--batch-size 2"):
+        model(torch.randn(1, 4, 3, 64, 64))
+    logits, aux = model(torch.randn(2, 4, 3, 64, 64), aux=True)  # two clips train
+    assert len(aux) == 1 and aux[0].shape == logits.shape  # deep supervision on stage 3
+    assert build_model("stppm_tiny", aux_heads=False).deepsup is None
+
+
+def test_stppm_r101_is_the_baselines_encoder():
+    model = build_model("stppm_r101")
+    resnet = model.backbone.model
+    stem = [m for m in resnet.conv1 if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in stem] == \
+        [(3, 64, (3, 3)), (64, 64, (3, 3)), (64, 128, (3, 3))]  # CSAIL's deep stem
+    assert resnet.layer3[1].conv2.dilation == (2, 2) and resnet.layer4[1].conv2.dilation == (4, 4)
+    assert model.feature_stride == 8 and model.deepsup[0][0].in_channels == 1024
+
+
+def test_reference_frames_travel_with_the_checkpoint(tmp_path):
+    from tbn_train.checkpoint import load_model, save_checkpoint
+    model = build_model("stppm_tiny", num_classes=5, reference_frames="future")
+    save_checkpoint(str(tmp_path / "m.safetensors"), model)
+    assert load_model(str(tmp_path / "m.safetensors"))[0].reference_frames == "future"
+    assert build_model("tbn_tiny").reference_frames == "past"
+    with pytest.raises(ValueError, match="past, future"):
+        build_model("tbn_tiny", reference_frames="later")
 
 
 def test_unknown_model_lists_known():
@@ -142,6 +211,34 @@ def test_pretrained_from_local_file(tmp_path, fmt):
     loaded = model.context_path.backbone.model.state_dict()
     ref = source.state_dict()
     assert len(loaded) > 10
+    for k, v in loaded.items():
+        torch.testing.assert_close(v, ref[k], msg=k)
+
+
+def test_pretrained_csail_resnet_file(tmp_path):
+    """A CSAIL-layout deep-stem ResNet checkpoint (the VSPW baseline's encoder weights) loads
+    into timm's deep stem; a tiny resnet101s stands in for resnet101-imagenet.pth."""
+    from tbn_train.models import TimmBackbone
+    from tbn_train.models.backbones import csail_resnet_filter
+    arch = dict(layers=(1, 1, 1, 1), stem_width=16)
+    torch.manual_seed(9)
+    source = timm.create_model("resnet101s", **arch)
+    csail_names = {"conv1.0.": "conv1.", "conv1.1.": "bn1.", "conv1.3.": "conv2.",
+                   "conv1.4.": "bn2.", "conv1.6.": "conv3.", "bn1.": "bn3."}
+    csail = {}
+    for key, value in source.state_dict().items():
+        for timm_name, csail_name in csail_names.items():
+            if key.startswith(timm_name):
+                key = csail_name + key[len(timm_name):]
+                break
+        csail[key] = value
+    assert "conv3.weight" in csail and "bn3.running_var" in csail
+    torch.save(csail, tmp_path / "resnet-imagenet.pth")
+    backbone = TimmBackbone("resnet101s", (3, 4), str(tmp_path / "resnet-imagenet.pth"),
+                            output_stride=8, pretrained_filter_fn=csail_resnet_filter, **arch)
+    loaded = backbone.model.state_dict()
+    ref = source.state_dict()
+    assert len(loaded) > 20
     for k, v in loaded.items():
         torch.testing.assert_close(v, ref[k], msg=k)
 

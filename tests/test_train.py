@@ -47,7 +47,8 @@ def test_training_lowers_the_loss_and_runs_stage_2(synth_root, tmp_path):
     assert sum(first[-3:]) / 3 < 0.8 * sum(first[:3]) / 3, first
     # stage 2: two lrs, from stage 1's weights; OUT/best and OUT/last are stage 2's
     state = torch.load(out / "stage2" / "last.state.pt", weights_only=True)
-    assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [0.0002, 0.0005]
+    lrs = {g["initial_lr"] for g in state["optimizer"]["param_groups"]}
+    assert sorted(lrs) == [0.0002, 0.0005]
     assert len(_losses(out, 2)) == 2 and state["step"] == 2 and state["done"]
     meta = read_metadata(str(out / "best.safetensors"))
     assert meta["model"] == "tbn_tiny" and meta["extra"]["stage"] == 2

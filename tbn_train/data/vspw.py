@@ -135,12 +135,36 @@ def iter_video(video: Video) -> Iterator[Tuple[int, np.ndarray, Optional[np.ndar
         yield t, frame, label
 
 
+def reference_indices(t: int, length: int, offsets: Sequence[int], reference: str = "past",
+                      reverse: bool = False) -> List[int]:
+    """The frames of frame t's clip in a video of `length` frames: the references, then t.
+
+    The reference at offsets[i] sits at position -2 - i (the model's clip layout).
+      "past"    t - k, clamped to frame 0: `tbn_runtime.temporal.clip_indices`, what streams.
+      "future"  t + k while t + max(offsets) is inside the video, else t - k clamped to 0: the
+                VSPW baseline's TestDataset_longclip.
+    `reverse` swaps the direction (the baseline's random temporal reversal in training). Each
+    direction keeps its fallback: a past reference clamps to frame 0, a future one falls back to
+    the past near the end. (The baseline draws only anchors with room in the drawn direction;
+    here every frame is an anchor and falls back instead.) No offsets: [t].
+    """
+    if not offsets:
+        return [t]
+    if (reference == "future") != reverse and t + max(offsets) < length:
+        return [t + k for k in sorted(offsets, reverse=True)] + [t]
+    return clip_indices(t, offsets)
+
+
 class VSPWClips(Dataset):
     """Training / validation clips: one item per (video, frame t) of a split.
 
     An item is `(clip, label)`: clip float32 T x 3 x H x W with the frames
-    `clip_indices(t, offsets)` (oldest first, frame t last; T = len(offsets) + 1), normalised
-    RGB as in `tbn_runtime.preprocess.normalize_bgr`; label int64 H x W train ids of frame t.
+    `reference_indices(t, len(video), offsets, reference)` (the references, frame t last;
+    T = len(offsets) + 1, one frame for image models with no offsets), normalised RGB as in
+    `tbn_runtime.preprocess.normalize_bgr`; label int64 H x W train ids of frame t.
+
+    `reference` "past" (t-3, t-6, t-9) or "future" (t+3, t+6, t+9, the VSPW baseline's); with
+    `train=True`, `reverse_prob` is the chance an item swaps the direction (the baseline: 0.5).
 
     With `train=True` every clip gets one random scale (uniform in `scale_range`, relative to
     the frame size), one random crop of `crop_size` (padded with 0 for the frames and with
@@ -160,11 +184,19 @@ class VSPWClips(Dataset):
     def __init__(self, root: PathLike, split: str, offsets: Sequence[int] = DEFAULT_OFFSETS,
                  crop_size: Optional[Size] = (480, 480),
                  scale_range: Tuple[float, float] = (0.5, 2.0), flip: bool = True,
-                 train: bool = True) -> None:
+                 train: bool = True, reference: str = "past", reverse_prob: float = 0.0) -> None:
         self.root = Path(root)
         self.split = split
         self.offsets: Tuple[int, ...] = tuple(int(k) for k in offsets)
-        clip_indices(0, self.offsets)  # validates the offsets
+        if self.offsets:
+            clip_indices(0, self.offsets)  # validates the offsets
+        if reference not in ("past", "future"):
+            raise ValueError(f"reference must be 'past' or 'future', got '{reference}'")
+        if not 0.0 <= reverse_prob <= 1.0:
+            raise ValueError(f"temporal_reverse must be a probability in [0, 1], got "
+                             f"{reverse_prob}")
+        self.reference = reference
+        self.reverse_prob = float(reverse_prob)
         self.crop_size: Optional[Size] = (
             None if crop_size is None else (int(crop_size[0]), int(crop_size[1])))
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
@@ -177,16 +209,18 @@ class VSPWClips(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def frame_indices(self, index: int) -> List[int]:
-        """The frame indices (within its video) of item `index`'s clip, oldest first."""
-        return clip_indices(self.items[index][1], self.offsets)
+    def frame_indices(self, index: int, reverse: bool = False) -> List[int]:
+        """The frame indices (within its video) of item `index`'s clip, frame t last."""
+        v, t = self.items[index]
+        return reference_indices(t, len(self.videos[v]), self.offsets, self.reference, reverse)
 
-    def load(self, index: int) -> Tuple[List[np.ndarray], np.ndarray]:
+    def load(self, index: int, reverse: bool = False) -> Tuple[List[np.ndarray], np.ndarray]:
         """Read item `index` without augmentation: (BGR frames of the clip, train-id label)."""
         v, t = self.items[index]
         video = self.videos[v]
+        indices = self.frame_indices(index, reverse)
         cache: Dict[int, np.ndarray] = {}
-        for i in clip_indices(t, self.offsets):
+        for i in indices:
             if i not in cache:
                 cache[i] = read_frame(video.frames[i])
         frame_t = cache[t]
@@ -198,13 +232,17 @@ class VSPWClips(Dataset):
                     f"{frame_t.shape[1]}; all frames of a video must have one size")
         assert video.masks is not None
         label = read_mask(video.masks[t], video.frames[t], frame_t.shape[:2])
-        return [cache[i] for i in clip_indices(t, self.offsets)], label
+        return [cache[i] for i in indices], label
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        frames, label = self.load(index)
-        params = None
+        params, seed = None, None
         if self.train:
             seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+        # the direction draws from its own stream, so the geometry is that of the seed alone
+        reverse = seed is not None and self.reverse_prob > 0 and \
+            np.random.default_rng([seed, 1]).random() < self.reverse_prob
+        frames, label = self.load(index, reverse)
+        if seed is not None:
             rng = np.random.default_rng(seed)
             params = sample_params(rng, frames[-1].shape[:2], self.crop_size,
                                    self.scale_range, self.flip)

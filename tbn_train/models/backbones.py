@@ -3,14 +3,27 @@
 The backbone is a whole timm model pruned to the stages we read (`prune_intermediate_layers`),
 run through `forward_intermediates`: NCHW feature maps for Swin and ResNet alike, and timm's
 own gradient checkpointing (`set_grad_checkpointing`) for Swin-L on 16 GB cards.
+
+Two choices follow mmsegmentation's Swin backbone (`mmseg/models/backbones/swin.py`), the
+reference for Swin in segmentation:
+- `out_norm=True` puts a fresh LayerNorm on every stage we read (mmseg's `norm{i}` for each
+  out index). The classifier's final LayerNorm, sized for stage 4 only, is pruned, as mmseg
+  leaves it out (its pretrained weights have no home there either).
+- Swin is built with timm's `always_partition=True`: every odd block shifts its windows at any
+  feature size, as mmseg's blocks do. timm otherwise fixes window and shift from `img_size` at
+  construction, so with Swin-L's 384 stage 4 (12 x 12, one window) never shifted, whatever the
+  input. One difference remains: timm rolls the map and then pads it to whole windows, mmseg
+  pads and then rolls; the two agree where a stage's size is a multiple of the window (every
+  stage at 384 x 384) and differ in the border windows elsewhere (stages 3-4 at 480).
 """
 
 import os
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import LayerNorm2d
 
 
 class BackboneError(ValueError):
@@ -18,10 +31,13 @@ class BackboneError(ValueError):
 
 
 class TimmBackbone(nn.Module):
-    """The feature maps of some stages of a timm model (classifier and unused stages dropped)."""
+    """The feature maps of some stages of a timm model (classifier and unused stages dropped).
+
+    out_norm: a LayerNorm (over channels, eps 1e-5 as nn.LayerNorm) on each stage read.
+    """
 
     def __init__(self, name: str, out_indices: Sequence[int], pretrained: Optional[str] = None,
-                 **timm_kwargs):
+                 out_norm: bool = False, **timm_kwargs):
         super().__init__()
         self.out_indices = tuple(out_indices)
         self.model = _create(name, pretrained, **timm_kwargs)
@@ -29,13 +45,51 @@ class TimmBackbone(nn.Module):
         info = self.model.feature_info
         self.channels: List[int] = [info[i]["num_chs"] for i in self.out_indices]
         self.reductions: List[int] = [info[i]["reduction"] for i in self.out_indices]
+        self.norms = nn.ModuleList(LayerNorm2d(c, eps=1e-5) for c in self.channels) \
+            if out_norm else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        return self.model.forward_intermediates(x, indices=self.out_indices,
-                                                intermediates_only=True)
+        feats = self.model.forward_intermediates(x, indices=self.out_indices,
+                                                 intermediates_only=True)
+        if self.norms is None:
+            return feats
+        return [norm(f) for norm, f in zip(self.norms, feats)]
+
+
+# CSAIL's deep-stem ResNet (semantic-segmentation-pytorch, the VSPW baseline's encoder) names its
+# three stem convolutions conv1..3 with bn1..3; timm's deep stem is the Sequential conv1.0..6
+# followed by bn1. The residual stages have the same names in both.
+_CSAIL_STEM = {"conv1.weight": "conv1.0.weight", "bn1.": "conv1.1.",
+               "conv2.weight": "conv1.3.weight", "bn2.": "conv1.4.",
+               "conv3.weight": "conv1.6.weight", "bn3.": "bn1."}
+
+
+def csail_resnet_filter(state_dict: Dict[str, torch.Tensor], model: nn.Module
+                        ) -> Dict[str, torch.Tensor]:
+    """timm `pretrained_filter_fn`: a CSAIL deep-stem ResNet checkpoint (e.g. CSAIL's
+    resnet101-imagenet.pth) in timm's names; any other checkpoint passes unchanged.
+
+    The classifier of the file (CSAIL's `fc`, the VSPW baseline's `fc_1`) is replaced by the
+    model's own: the backbone drops it anyway.
+    """
+    state_dict = {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    if "conv3.weight" not in state_dict or "bn3.running_mean" not in state_dict:
+        return state_dict  # not CSAIL's layout: timm names already
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(("fc.", "fc_1.")):
+            continue
+        for old, new in _CSAIL_STEM.items():
+            if key == old or (old.endswith(".") and key.startswith(old)):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    own = model.state_dict()
+    out.update({k: own[k] for k in own if k.startswith("fc.")})
+    return out
 
 
 def _create(name: str, pretrained: Optional[str], **timm_kwargs) -> nn.Module:

@@ -5,6 +5,12 @@ A video segmenter is split into two halves that deploy as two engines:
   temporal_head(current, past) -> logits  F_t and [F_t-3, F_t-6, F_t-9] (temporal_offsets order)
 forward(clip) runs both over a clip [t-9, t-6, t-3, t] (oldest first) for training and
 reference inference; forward(clip) == temporal_head(frame_features(x_t), [frame_features(...)]).
+
+`reference_frames` says which frames a model was trained to read as its references, and so how
+it is evaluated: "past" (t-3, t-6, t-9, as CFFM; what the feature ring streams) or "future"
+(t+3, t+6, t+9, falling back to the past ones within 9 frames of a video's end: the VSPW
+baseline's training clips and test code). The head averages the references, so their order and
+direction do not change the graph: only which frames fill the clip.
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -12,6 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+REFERENCE_FRAMES = ("past", "future")
 
 
 class VideoSegmenter(nn.Module):
@@ -23,10 +31,16 @@ class VideoSegmenter(nn.Module):
     size_divisor: int = 32
     #: stride of frame_features relative to the (padded) input.
     feature_stride: int = 8
+    #: "past" or "future": the reference frames the model learns from (see the module doc).
+    reference_frames: str = "past"
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, reference_frames: str = "past"):
         super().__init__()
+        if reference_frames not in REFERENCE_FRAMES:
+            raise ValueError(f"reference_frames must be one of {', '.join(REFERENCE_FRAMES)}, "
+                             f"got '{reference_frames}'")
         self.num_classes = num_classes
+        self.reference_frames = reference_frames
 
     # -- the two halves -------------------------------------------------------------------
     def frame_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -58,16 +72,27 @@ class VideoSegmenter(nn.Module):
         """Logits of the auxiliary heads (at their own scale); none by default."""
         return []
 
+    def backbone_parameters(self) -> List[nn.Parameter]:
+        """The pretrained backbone's parameters (the VSPW baseline's "encoder")."""
+        raise NotImplementedError
+
+    def context_parameters(self) -> List[nn.Parameter]:
+        """What the paper's stage 2 calls "the context path" (its own learning rate)."""
+        return self.backbone_parameters()
+
     # -- the whole clip -------------------------------------------------------------------------
     def forward(self, clip: torch.Tensor, aux: bool = False, past_grad: bool = True):
-        """clip B x T x 3 x H x W, oldest first, the last frame is t -> logits B x K x H x W.
+        """clip B x T x 3 x H x W, the last frame is t -> logits B x K x H x W.
+
+        clip[:, -2 - i] is the reference at temporal_offsets[i]: [t-9, t-6, t-3, t] (oldest
+        first) for "past" models, [t+9, t+6, t+3, t] for "future" ones.
 
         T is len(temporal_offsets) + 1 (image models take any T and use the last frame).
         aux=True returns (logits, [aux logits at input size]) for BiSeNet's auxiliary losses.
         past_grad=False runs the past frames without autograd: their activations are not kept,
         which saves roughly three quarters of the backbone's activation memory in training.
         """
-        _check_rank(clip, 5, "B x T x 3 x H x W (T frames, oldest first)")
+        _check_rank(clip, 5, "B x T x 3 x H x W (T frames, t last)")
         n_past = len(self.temporal_offsets)
         b, t, c, h, w = clip.shape
         if c != 3 or t < n_past + 1 or (n_past and t != n_past + 1):

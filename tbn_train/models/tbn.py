@@ -55,8 +55,9 @@ class TemporalBilateralNet(VideoSegmenter):
 
     def __init__(self, backbone: TimmBackbone, num_classes: int = 124, temporal: bool = True,
                  temporal_offsets: Sequence[int] = (3, 6, 9), spatial_chs: int = 128,
-                 context_chs: int = 128, fused_chs: int = 256, aux_heads: bool = True):
-        super().__init__(num_classes)
+                 context_chs: int = 128, fused_chs: int = 256, aux_heads: bool = True,
+                 reference_frames: str = "past"):
+        super().__init__(num_classes, reference_frames)
         self.temporal_offsets = tuple(temporal_offsets) if temporal else ()
         self.spatial_path = SpatialPath(spatial_chs, mid_chs=min(64, spatial_chs))
         self.context_path = ContextPath(backbone, context_chs)
@@ -87,9 +88,19 @@ class TemporalBilateralNet(VideoSegmenter):
             return []
         return [self.aux16(aux_feats[0]), self.aux32(aux_feats[1])]
 
-    def context_parameters(self) -> List[nn.Parameter]:
-        """The context path's backbone (stage 2 trains it with its own learning rate)."""
+    def backbone_parameters(self) -> List[nn.Parameter]:
         return list(self.context_path.backbone.parameters())
+
+    def context_parameters(self) -> List[nn.Parameter]:
+        """The whole context path: Swin, both ARMs, the global context and the merging convs.
+
+        The paper's stage 2 gives "the context path" 0.0002 and "other layers" 0.0005. The
+        paper's Sec. 2.1 describes the ARMs as part of the context path, and BiSeNet's context
+        path (CoinCheung/BiSeNet's ContextPath) holds the backbone, the ARMs, the global-context
+        conv and the merging heads; the spatial path, FFM, classifier and auxiliary heads are
+        the other layers.
+        """
+        return list(self.context_path.parameters())
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.context_path.backbone.set_grad_checkpointing(enable)
