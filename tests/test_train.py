@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tbn_train import losses, train
+from tbn_train import losses, stage, train
 from tbn_train.checkpoint import load_model, read_metadata
+from tbn_train.config import make_config
 
 from train_helpers import make_synth
 
@@ -96,7 +97,7 @@ def test_nan_loss_stops_and_keeps_last_good(synth_root, tmp_path, monkeypatch, c
     monkeypatch.setattr(losses, "total_loss", nan_on_step_3)
     out = tmp_path / "run"
     assert train.main(_args(synth_root, out, "--iters", "5", "--eval-interval", "2")) == 3
-    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("tbn-train")]
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("tbn-train: error")]
     assert len(err) == 1 and "nan" in err[0] and "step 3" in err[0], err
     assert read_metadata(str(out / "stage1" / "last.safetensors"))["extra"]["step"] == 2
 
@@ -139,11 +140,11 @@ def test_ddp_two_processes_equal_one_process_with_accum(synth_root, tmp_path):
            "-m", "tbn_train.train", *_args(synth_root, tmp_path / "ddp", *common, "--accum", "1")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 proc" in res.stdout and "weights on 2 ranks differ by at most 0" in res.stdout
+    assert "2 proc" in res.stderr and "weights on 2 ranks differ by at most 0" in res.stderr
     assert train.main(_args(synth_root, tmp_path / "one", *common, "--accum", "2")) == 0
     ddp, one = _params(tmp_path / "ddp" / "last.safetensors"), _params(tmp_path / "one" /
                                                                         "last.safetensors")
-    init = dict(train.create_model(train.make_config("demo"), 1, tmp_path, False)
+    init = dict(stage.create_model(make_config("demo"), 1, tmp_path, False)
                 .named_parameters())
     # Same global batch, same clips, same augmentation: the same losses and the same updates
     # (up to float summation order: gradients are averaged by all-reduce vs accumulated).
