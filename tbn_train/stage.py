@@ -143,11 +143,21 @@ def build_loader(cfg: TrainConfig, model, info: DistInfo, accum: int):
 
 
 def micro_batches(loader, sampler: GlobalBatchSampler, start_step: int):
-    """Micro-batches from global step `start_step` on, epoch after epoch."""
+    """Micro-batches from global step `start_step` on, epoch after epoch.
+
+    Closing the generator (or an error out of it) shuts the DataLoader's workers down at once:
+    they ignore the stop signals, so if a reference to the iterator outlived the stage (an
+    error's traceback holds one), Python's exit would wait for them forever."""
     epoch, offset = divmod(start_step, sampler.steps_per_epoch)
     while True:
         sampler.set_epoch(epoch, offset)
-        yield from loader
+        batches = iter(loader)
+        try:
+            yield from batches
+        finally:
+            shutdown = getattr(batches, "_shutdown_workers", None)  # worker processes only
+            if shutdown is not None:
+                shutdown()
         epoch, offset = epoch + 1, 0
 
 
@@ -443,8 +453,8 @@ def run_steps(st: Stage, cfg: TrainConfig, info: DistInfo, stop: StopRequest, wr
     meter, pending = LossLog(), None  # pending: a data error to report at the next halt
     shown = progress and info.is_main
     with progress_bar(st.total, f"stage {st.number}", shown, initial=st.step) as bar:
+        batches = micro_batches(st.loader, st.sampler, st.step)
         try:
-            batches = micro_batches(st.loader, st.sampler, st.step)
             while st.step < st.total:
                 micro: List = []
                 if pending is None:
@@ -470,6 +480,8 @@ def run_steps(st: Stage, cfg: TrainConfig, info: DistInfo, stop: StopRequest, wr
                 save_last(st, cfg, info, stop)
             raise TrainingStopped(f"interrupted: {st.where()} is saved in {st.last}; "
                                   f"continue with --resume", 130) from None
+        finally:
+            batches.close()
 
 
 def train_stage(cfg: TrainConfig, number: int, out: Path, info: DistInfo,

@@ -1,5 +1,8 @@
-"""Helpers of the training and evaluation tests: a tiny tbn-synth dataset (64 x 96 frames)."""
+"""Helpers of the training and evaluation tests: a tiny tbn-synth dataset (64 x 96 frames) and
+the tbn-train arguments the tests share."""
 
+import json
+import time
 from pathlib import Path
 
 from tbn_train.data.synth import generate
@@ -10,3 +13,31 @@ def make_synth(root: Path) -> Path:
     generate(root, seed=1, height=64, width=96, videos_train=2, videos_val=1, videos_test=0,
              frames=12, classes=3)
     return root
+
+
+def train_args(root, out, *extra):
+    """tbn-train arguments: the demo preset on `root`, tiny crops, CPU, a log line per step."""
+    return ["--preset", "demo", "--data", str(root), "--out", str(out), "--crop-size", "64", "64",
+            "--workers", "0", "--eval-interval", "100", "--log-interval", "1", "--device", "cpu",
+            *extra]
+
+
+def logged_steps(out, stage=1):
+    """The steps metrics.jsonl has a loss for."""
+    path = Path(out) / f"stage{stage}" / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def wait_for_step(proc, out, step, timeout=300.0):
+    """Wait until the training subprocess `proc` has logged `step`; fail if it ends first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if any(s >= step for s in logged_steps(out)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before step {step}: "
+                                 f"{proc.stderr.read()[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} within {timeout} s")

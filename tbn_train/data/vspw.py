@@ -112,7 +112,8 @@ def read_mask(path: PathLike, frame_path: Optional[PathLike] = None,
     try:
         raw = read_label_png(path)
     except (OSError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read the mask ({e}); replace the file") from e
+        reason = str(e).replace(f"{path}: ", "")  # named once, at the front
+        raise DatasetError(f"{path}: cannot read the mask ({reason}); replace the file") from e
     if frame_size is not None and raw.shape != tuple(frame_size):
         raise DatasetError(f"{path}: mask is {raw.shape[0]}x{raw.shape[1]} but its image "
                            f"{frame_path} is {frame_size[0]}x{frame_size[1]}; write the mask "
