@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Iterator, Optional
 
-LOGGER = "tbn_train"  # the package's loggers (tbn_train.train, tbn_train.stage, ...) are below it
+LOGGER = "tbn_train"  # the package's loggers (tbn_train.train, tbn_train.engine...) are below it
 
 
 class OneLineParser(argparse.ArgumentParser):

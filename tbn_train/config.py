@@ -3,9 +3,9 @@
 Order of precedence: dataclass defaults (the paper's recipe for tbn_swin_l) < `--preset NAME`
 (tbn_train/configs/NAME.yaml) or `--config FILE` < CLI flags (`--lr 0.01`, `--iters 100`,
 `--set key=value`). `tbn-train --resume` without a preset or config file starts from the
-config the run was trained with instead of the defaults. Unknown presets and fields raise ValueError with the
-known names. FIELD_HELP explains every field (the --help of tbn-train); RESUME_SAFE lists the
-fields --resume may change.
+config the run was trained with instead of the defaults. Unknown presets and fields raise
+ValueError with the known names. FIELD_HELP explains every field (the --help of tbn-train);
+RESUME_SAFE lists the fields --resume may change.
 """
 
 import argparse

@@ -30,7 +30,8 @@ class DatasetError(Exception):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint or training state that cannot be used; the message names the file and the fix."""
+    """A checkpoint or training state that cannot be used; the message names the file and the
+    fix."""
 
 
 class NonFiniteLoss(RuntimeError):

@@ -3,7 +3,7 @@
 SIGINT (Ctrl-C), SIGTERM (`kill`, `timeout`, Slurm at the time limit or on scancel, Kubernetes
 when it deletes a pod, torchrun passing on its own) and SIGUSR1 (Slurm's `--signal=USR1@SECS`
 warning) only set a flag. The training loop reads it once per step at a point every process
-reaches (tbn_train.stage.halt_if_asked), so all ranks stop at the same step, rank 0 saves, and
+reaches (tbn_train.engine.halt_if_asked), so all ranks stop at the same step, rank 0 saves, and
 `--resume` continues as if nothing had happened. A second Ctrl-C in a single process stops at
 once, between two updates (never inside one), keeping the last completed step; under torchrun a
 repeated signal is normal (the launcher forwards the terminal's Ctrl-C), so it only sets the

@@ -9,7 +9,8 @@ Stage 1: cross-entropy (ignore 255), SGD with momentum, poly decay, one lr. Stag
 stage 1's best weights (last if no eval improved) with OHEM and two lrs (context path /
 the rest). Outputs: OUT/stage{1,2}/{best,last}.safetensors, last.state.pt (optimizer,
 scheduler, step, RNG, best mIoU: what --resume needs), metrics.jsonl; OUT/best.safetensors and
-OUT/last.safetensors are copies of the last stage run's (tbn-export reads OUT/best); OUT/config.json.
+OUT/last.safetensors are copies of the last stage run's (tbn-export reads OUT/best); the
+settings in OUT/config.json.
 
 A run directory is never deleted or overwritten unasked: training into one that holds a run
 needs --resume (continue it) or --overwrite (start again). --resume without --preset/--config
@@ -21,7 +22,7 @@ Stopping: Ctrl-C, SIGTERM (kill, timeout, Slurm, Kubernetes, torchrun) and SIGUS
 current step, save it and exit; so does a data error (a corrupt image or mask, a label beyond
 --num-classes), whose line names the file. last.* is also saved every --save-minutes, which
 bounds what a kill -9 loses. Under torchrun every process stops at the same step and rank 0
-saves (tbn_train.preemption, tbn_train.stage).
+saves (tbn_train.preemption, tbn_train.engine).
 
 Memory: --no-past-grad runs the 3 past frames of each clip without autograd, so only the
 current frame's activations are kept for the backward pass: about three quarters of the
@@ -115,7 +116,8 @@ def run(cfg: TrainConfig, stage_arg: str, resume: bool, overwrite: bool, info,
         progress: bool) -> None:
     from .checkpoint import load_train_state
     from .preemption import StopRequest
-    from .stage import check_resume_settings, train_stage
+    from .engine import train_stage
+    from .stage import check_resume_settings
 
     out = Path(cfg.out)
     if stage_arg == "2" and cfg.stage2_iters <= 0:

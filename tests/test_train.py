@@ -4,7 +4,6 @@ saves, DDP (gloo) = accumulation, also when stopped by SIGTERM under torchrun an
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -13,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tbn_train import losses, stage, train
+from tbn_train import engine, losses, stage, train
 from tbn_train.checkpoint import load_model, read_metadata
 from tbn_train.config import make_config
 
-from train_helpers import logged_steps, make_synth, train_args, wait_for_step
+from train_helpers import logged_steps, make_synth, sigterm_after_step, train_args
 
 COMMON = ["--iters", "6", "--batch-size", "2", "--lr", "0.05"]
 
@@ -85,7 +84,8 @@ def test_interrupt_and_resume_equals_uninterrupted(synth_root, full_run, tmp_pat
     monkeypatch.setattr(losses, "total_loss", interrupt_on_step_4)
     assert train.main(train_args(synth_root, tmp_path / "cut", *COMMON)) == 130
     assert "--resume" in capsys.readouterr().err
-    assert read_metadata(str(tmp_path / "cut" / "stage1" / "last.safetensors"))["extra"]["step"] == 3
+    meta = read_metadata(str(tmp_path / "cut" / "stage1" / "last.safetensors"))
+    assert meta["extra"]["step"] == 3
     monkeypatch.setattr(losses, "total_loss", real)
     # resumed with a data-loader worker: the data order must not depend on who loads it
     assert train.main(train_args(synth_root, tmp_path / "cut", *COMMON, "--resume",
@@ -97,16 +97,9 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(synth_root, full_run, tmp
     """A real SIGTERM to a real training process: it ends the step, saves, exits 143 with one
     line; --resume then gives the same weights as the run nobody stopped."""
     out = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "tbn_train.train",
-                             *train_args(synth_root, out, *COMMON)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_step(proc, out, 1)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, err
+    code, err = sigterm_after_step([sys.executable, "-m", "tbn_train.train",
+                                    *train_args(synth_root, out, *COMMON)], out, 1)
+    assert code == 143, err
     assert "Traceback" not in err
     lines = [x for x in err.splitlines() if "SIGTERM" in x]
     assert len(lines) == 1 and "--resume" in lines[0], err
@@ -119,16 +112,16 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(synth_root, full_run, tmp
 
 def test_time_based_saves(synth_root, tmp_path, monkeypatch):
     """--save-minutes saves last.* between evaluations (here: after every step)."""
-    real, steps = stage.save_last, []
+    real, steps = engine.save_last, []
 
     def record(st, *a, **k):
         steps.append(st.step)
         return real(st, *a, **k)
 
-    monkeypatch.setattr(stage, "save_last", record)
-    assert train.main(train_args(synth_root, tmp_path / "run", "--iters", "3",
-                                 "--save-minutes", "1e-9")) == 0
-    assert steps == [1, 2, 3]  # 3: the evaluation at the end
+    monkeypatch.setattr(engine, "save_last", record)
+    assert train.main(train_args(synth_root, tmp_path / "run", "--iters", "2", "--batch-size",
+                                 "2", "--save-minutes", "1e-9")) == 0
+    assert steps == [1, 2]  # 2: the evaluation at the end
 
 
 def test_nan_loss_stops_and_keeps_last_good(synth_root, tmp_path, monkeypatch, capsys):
@@ -187,30 +180,25 @@ def test_ddp_stopped_by_sigterm_and_resumed_equals_one_process_with_accum(synth_
               "--warmup-iters", "0"]
     out = tmp_path / "ddp"
 
-    def torchrun(*extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-               "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-               str(_free_port()), "-m", "tbn_train.train",
-               *train_args(synth_root, out, *common, "--accum", "1", *extra)]
-        return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    proc = torchrun()
-    try:
-        wait_for_step(proc, out, 1)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
+    def torchrun(*extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                str(_free_port()), "-m", "tbn_train.train",
+                *train_args(synth_root, out, *common, "--accum", "1", *extra)]
+
+    _, err = sigterm_after_step(torchrun(), out, 1, env)
     # each rank stops (it had the signal, or the other rank had it first) at the same step
     stops = re.findall(r"^tbn-train(\[rank 1\])?: warning: (?:SIGTERM|a signal to another "
-                       r"process): stopped, stage 1 step (\d)/3 is saved", err, re.M)
+                       r"process): stopped; stage 1 step (\d)/3 is saved", err, re.M)
     assert len(stops) == 2 and stops[0][1] == stops[1][1], err[-3000:]
     saved = torch.load(out / "stage1" / "last.state.pt", weights_only=True)["step"]
     assert 1 <= saved < 3 and int(stops[0][1]) == saved
-    proc = torchrun("--resume")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    res = subprocess.run(torchrun("--resume"), env=env, capture_output=True, text=True,
+                         timeout=300)
+    err = res.stderr
+    assert res.returncode == 0, err[-3000:]
     assert "2 proc" in err and "weights on 2 ranks differ by at most 0" in err
     assert train.main(train_args(synth_root, tmp_path / "one", *common, "--accum", "2")) == 0
     ddp, one = _params(out / "last.safetensors"), _params(tmp_path / "one" / "last.safetensors")

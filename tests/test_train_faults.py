@@ -43,16 +43,16 @@ def finished_run(synth_root, tmp_path_factory):
     return out
 
 
-def _mid_mask_read_at(data: Path, first_step: int) -> Tuple[Path, int]:
-    """A middle-frame training mask and the step (>= first_step) that reads it: batch 2,
-    seed 0, as in the cases below."""
+def _mask_read_at(data: Path, first_step: int, middle: bool = True) -> Tuple[Path, int]:
+    """A training mask (of a middle frame: one the check before training does not sample) and
+    the step (>= first_step) that reads it: batch 2, seed 0, as in the cases below."""
     videos = index_split(data, "train")
     frames = len(videos[0])
     sampler = GlobalBatchSampler(sum(len(v) for v in videos), 2, seed=0)
     for step, batch in enumerate(sampler, start=1):
         for index, _ in batch:
             v, t = divmod(index, frames)
-            if step >= first_step and 0 < t < frames - 1:
+            if step >= first_step and (0 < t < frames - 1 or not middle):
                 return videos[v].masks[t], step
     raise AssertionError("no middle-frame mask in the first epoch")
 
@@ -65,13 +65,19 @@ def _write_raw(path: Path, value: int) -> None:
 
 
 def _corrupt_train_mask(data: Path) -> Tuple[Path, int]:
-    mask, step = _mid_mask_read_at(data, 3)
+    mask, step = _mask_read_at(data, 3)
     mask.write_bytes(b"not a png")
     return mask, step - 1
 
 
+def _corrupt_first_mask(data: Path) -> Tuple[Path, int]:
+    mask, _ = _mask_read_at(data, 1, middle=False)
+    mask.write_bytes(b"")
+    return mask, 0
+
+
 def _label_beyond_classes(data: Path) -> Tuple[Path, int]:
-    mask, step = _mid_mask_read_at(data, 3)
+    mask, step = _mask_read_at(data, 3)
     _write_raw(mask, 110)  # train id 109: VSPW's, but beyond --num-classes 100
     return mask, step - 1
 
@@ -124,6 +130,9 @@ FAULTS = [
                                                  "--workers", "1"), 2,
           ("{file}", "cannot read the mask", "is saved", "--resume"),
           break_data=_corrupt_train_mask),
+    Fault("corrupt mask in the first step", ("--iters", "8", "--batch-size", "2"), 2,
+          ("{file}", "before its first step (nothing to save)", "run the command again"),
+          break_data=_corrupt_first_mask),
     Fault("label beyond --num-classes, unsampled mask", ("--iters", "8", "--batch-size", "2",
                                                           "--num-classes", "100"), 2,
           ("{file}", "train ids [109]", "--num-classes", "--resume"),
@@ -163,7 +172,7 @@ def test_fault(fault, synth_root, finished_run, tmp_path, capsys):
         assert word.replace("{file}", str(broken)) in errors[0], errors[0]
     for word in fault.absent:
         assert word not in err, err
-    if saved_step is None:  # refused before training: what was there is as it was
+    if not saved_step:  # refused or stopped before the first step: what was there is as it was
         after = _contents(out) if out.exists() else {}
         assert {k: after.get(k) for k in before} == before
         assert set(after) - set(before) <= {"config.json"}
@@ -176,9 +185,12 @@ def test_fault(fault, synth_root, finished_run, tmp_path, capsys):
 
 
 def test_resume_may_extend_the_schedule(finished_run, synth_root, tmp_path, capsys):
-    """A longer --iters continues a finished stage; the change is listed, not refused."""
+    """A longer --iters continues a finished stage; the change is listed, not refused. The
+    log loses what a kill -9 left in it after the last save, instead of repeating it."""
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
+    with open(out / "stage1" / "metrics.jsonl", "a") as f:
+        f.write('{"stage": 1, "step": 3, "loss": 9.5, "lr": 0.01, "it_s": 1.0}\n')
     assert train.main(train_args(synth_root, out, "--iters", "3", "--batch-size", "2",
                                  "--resume")) == 0
     err = capsys.readouterr().err

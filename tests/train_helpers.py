@@ -2,6 +2,8 @@
 the tbn-train arguments the tests share."""
 
 import json
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -41,3 +43,17 @@ def wait_for_step(proc, out, step, timeout=300.0):
                                  f"{proc.stderr.read()[-3000:]}")
         time.sleep(0.02)
     raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def sigterm_after_step(cmd, out, step, env=None):
+    """Start the training command `cmd` (writing to `out`), send it SIGTERM once it has logged
+    `step`, and return (its exit code, its stderr)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_for_step(proc, out, step)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return proc.returncode, err
