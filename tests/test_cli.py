@@ -56,14 +56,15 @@ def test_log_lines_stay_whole_above_a_progress_bar(capsys):
     assert "tbn-train: stage 1 step 1/3: val mIoU 1.00" in segments, segments
 
 
-def test_synth_logs_one_line_and_nothing_with_q(tmp_path, capsys):
+def test_synth_says_what_it_wrote_and_nothing_with_q(tmp_path, capsys):
     small = ["--videos-train", "1", "--videos-val", "0", "--videos-test", "0", "--frames", "2",
              "--height", "16", "--width", "16"]
     assert synth.main(["--out", str(tmp_path / "a"), *small]) == 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tbn-synth: wrote 1 videos"), err
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("tbn-synth: wrote 1 videos") and not captured.err
     assert synth.main(["--out", str(tmp_path / "b"), "-q", *small]) == 0
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr() == ("", "")
     assert synth.main(["--out", str(tmp_path / "b"), *small]) == 2  # not empty: refused
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite" in err[0] and err[0].startswith("tbn-synth: error")

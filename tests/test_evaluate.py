@@ -18,12 +18,7 @@ from tbn_train.data.vspw import index_split, iter_video
 from tbn_train.evaluate import main, predict_logits, predict_video
 from tbn_train.models import build_model
 
-from train_helpers import make_synth
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    return make_synth(tmp_path_factory.mktemp("eval") / "synth")
+from train_helpers import synth_root  # noqa: F401 (a fixture)
 
 
 def _naive_logits(model, frames, t):

@@ -16,22 +16,16 @@ from tbn_train import engine, losses, stage, train
 from tbn_train.checkpoint import load_model, read_metadata
 from tbn_train.config import make_config
 
-from train_helpers import logged_steps, make_synth, sigterm_after_step, train_args
+from train_helpers import logged_steps, sigterm_after_step, train_args, trained_run
+from train_helpers import synth_root  # noqa: F401 (a fixture)
 
 COMMON = ["--iters", "6", "--batch-size", "2", "--lr", "0.05"]
 
 
 @pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    return make_synth(tmp_path_factory.mktemp("train") / "synth")
-
-
-@pytest.fixture(scope="module")
 def full_run(synth_root, tmp_path_factory):
     """An uninterrupted run of COMMON: what every interrupted and resumed run must equal."""
-    out = tmp_path_factory.mktemp("full") / "run"
-    assert train.main(train_args(synth_root, out, *COMMON)) == 0
-    return out
+    return trained_run(tmp_path_factory, "full", synth_root, *COMMON)
 
 
 def _losses(out, stage=1):

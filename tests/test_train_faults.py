@@ -26,21 +26,15 @@ from tbn_train.data.vspw import index_split
 from tbn_train.preemption import StopRequest
 from tbn_train.sampling import GlobalBatchSampler
 
-from train_helpers import logged_steps, make_synth, train_args
+from train_helpers import logged_steps, train_args, trained_run
+from train_helpers import synth_root  # noqa: F401 (a fixture)
 
 RUN = ("--iters", "2", "--batch-size", "2")  # the finished run the run-dir cases start from
 
 
 @pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    return make_synth(tmp_path_factory.mktemp("faults") / "synth")
-
-
-@pytest.fixture(scope="module")
 def finished_run(synth_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert train.main(train_args(synth_root, out, *RUN)) == 0
-    return out
+    return trained_run(tmp_path_factory, "finished", synth_root, *RUN)
 
 
 def _mask_read_at(data: Path, first_step: int, middle: bool = True) -> Tuple[Path, int]:

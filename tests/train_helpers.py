@@ -1,11 +1,14 @@
-"""Helpers of the training and evaluation tests: a tiny tbn-synth dataset (64 x 96 frames) and
-the tbn-train arguments the tests share."""
+"""Helpers of the training and evaluation tests: a tiny tbn-synth dataset (64 x 96 frames, also
+as the module fixture `synth_root`), the tbn-train arguments the tests share, finished runs,
+and reading and signalling a training process."""
 
 import json
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 from tbn_train.data.synth import generate
 
@@ -17,11 +20,26 @@ def make_synth(root: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    """make_synth's dataset, once per test module that imports this fixture."""
+    return make_synth(tmp_path_factory.mktemp("data") / "synth")
+
+
 def train_args(root, out, *extra):
     """tbn-train arguments: the demo preset on `root`, tiny crops, CPU, a log line per step."""
     return ["--preset", "demo", "--data", str(root), "--out", str(out), "--crop-size", "64", "64",
             "--workers", "0", "--eval-interval", "100", "--log-interval", "1", "--device", "cpu",
             *extra]
+
+
+def trained_run(tmp_path_factory, name, root, *extra):
+    """A finished tbn-train run (train_args(root, ...) + extra) in a fresh folder."""
+    from tbn_train import train
+
+    out = tmp_path_factory.mktemp(name) / "run"
+    assert train.main(train_args(root, out, *extra)) == 0
+    return out
 
 
 def logged_steps(out, stage=1):

@@ -386,8 +386,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileExistsError, ValueError, OSError) as e:
         log.error(str(e))
         return 2
-    log.info(f"wrote {summary.videos} videos ({summary.frames} frames) to {summary.root}, "
-             f"{summary.bytes / 1e6:.1f} MB, {summary.seconds:.1f} s")
+    if not a.quiet:  # what was written: the command's output, on stdout (messages: stderr)
+        print(f"tbn-synth: wrote {summary.videos} videos ({summary.frames} frames) to "
+              f"{summary.root}, {summary.bytes / 1e6:.1f} MB, {summary.seconds:.1f} s")
     return 0
 
 
