@@ -41,6 +41,12 @@ def predict_logits(model, frames: Iterable[np.ndarray], device) -> Iterator["tor
     """Logits (1 x K x H x W, on `device`) of every frame of one video, in order."""
     import torch
 
+    return torch.no_grad()(_ring_logits)(model, frames, device)  # no_grad around each frame
+
+
+def _ring_logits(model, frames: Iterable[np.ndarray], device) -> Iterator["torch.Tensor"]:
+    import torch
+
     model.eval()
     device = torch.device(device)
     offsets = tuple(model.temporal_offsets)
@@ -54,17 +60,14 @@ def predict_logits(model, frames: Iterable[np.ndarray], device) -> Iterator["tor
         elif size != (h, w):
             raise ValueError(f"frame size {h}x{w} differs from the video's first frame "
                              f"{size[0]}x{size[1]}; all frames of a video must have one size")
-        with torch.no_grad():  # per frame: the caller runs between the yields
-            feat = model.frame_features(x)
-            if not offsets:
-                logits = model.temporal_head(feat, [], out_size=(h, w))
-            else:
-                if ring is None:
-                    ring = FeatureRing([torch.empty_like(feat)
-                                        for _ in range(max(offsets) + 1)], offsets)
-                ring.write_target().copy_(feat)
-                logits = model.temporal_head(feat, ring.past(), out_size=(h, w))
-        yield logits
+        feat = model.frame_features(x)
+        if not offsets:
+            yield model.temporal_head(feat, [], out_size=(h, w))
+            continue
+        if ring is None:
+            ring = FeatureRing([torch.empty_like(feat) for _ in range(max(offsets) + 1)], offsets)
+        ring.write_target().copy_(feat)
+        yield model.temporal_head(feat, ring.past(), out_size=(h, w))
 
 
 def predict_video(model, frames: Iterable[np.ndarray], device) -> Iterator[np.ndarray]:
