@@ -2,7 +2,10 @@
 
 Order of precedence: dataclass defaults (tbn_swin_l's settings) < `--preset NAME`
 (tbn_train/configs/NAME.yaml) or `--config FILE` < CLI flags (`--lr 0.01`, `--iters 100`,
-`--set key=value`). Unknown presets and fields raise ValueError with the known names.
+`--set key=value`). `tbn-train --resume` without a preset or config file starts from the
+config the run was trained with instead of the defaults. Unknown presets and fields raise
+ValueError with the known names. FIELD_HELP explains every field (the --help of tbn-train);
+RESUME_SAFE lists the fields --resume may change.
 """
 
 import argparse
@@ -67,6 +70,7 @@ class TrainConfig:
     past_grad: bool = True               # False: past frames without autograd (less memory)
     eval_interval: int = 2000
     log_interval: int = 20
+    save_minutes: float = 10.0           # also save last.* this often (0: only at evaluations)
     seed: int = 0
     out: str = "runs/tbn"
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
@@ -75,6 +79,76 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
+
+# What each field means: the help text of its tbn-train flag (a test checks that every field
+# has one).
+FIELD_HELP = {
+    "model": "model variant: tbn_swin_l, tbn_swin_t, bisenet_swin_l, bisenet_swin_t, "
+             "stppm_swin_l, stppm_r101, or the tiny test/demo ones (tbn_tiny, ...)",
+    "pretrained": "backbone weights when stage 1 starts: timm (ImageNet, from timm's hub), a "
+                  "local .safetensors or timm .pth file, or none (random init)",
+    "num_classes": "classes the model predicts (VSPW: 124); every train id in the masks must "
+                   "be below it",
+    "model_kwargs": "extra arguments of the model (YAML or --set model_kwargs={...})",
+    "data": "dataset root in the VSPW layout: train.txt, val.txt, data/<video>/{origin,mask}/",
+    "train_split": "split to train on (ROOT/NAME.txt lists its videos)",
+    "val_split": "split evaluated at each eval interval; best.safetensors has its best mIoU",
+    "crop_size": "training crop, H W (padded with ignore where the scaled frame is smaller)",
+    "eval_size": "frame size H W the model is deployed at: tbn-export's default size",
+    "scale_range": "random scale of each clip, LOW HIGH, relative to the frame size",
+    "flip": "random horizontal flip of each clip",
+    "temporal_reverse": "probability that a training clip runs backwards (the VSPW "
+                        "baseline's random temporal reversal: 0.5)",
+    "backbone_lr_mult": "stage 1 learning-rate factor of the backbone (the VSPW baseline: 0.1)",
+    "no_decay": "parameters without weight decay: norm_bias_pos (norms, biases, position "
+                "tables), bias, or none",
+    "workers": "DataLoader worker processes per training process (0: load in the main one)",
+    "batch_size": "clips per process per micro-step",
+    "accum": "gradient-accumulation micro-steps per optimizer step (when global_batch is 0)",
+    "global_batch": "clips per optimizer step over all processes; accum is derived from it "
+                    "(0: use --accum)",
+    "iters": "stage 1 optimizer steps (> 0 wins over --epochs)",
+    "epochs": "stage 1 length in passes over the training split, when iters is 0",
+    "lr": "stage 1 learning rate (SGD)",
+    "momentum": "SGD momentum",
+    "weight_decay": "SGD weight decay",
+    "poly_power": "poly decay: lr x (1 - step/total)^power",
+    "warmup_iters": "steps of linear lr warmup at the start of each stage (0: none)",
+    "warmup_ratio": "lr factor at the first warmup step",
+    "loss": "stage 1 loss: ce (cross-entropy) or ohem",
+    "ohem_thresh": "OHEM: train on pixels whose true-class probability is below this",
+    "ohem_min_kept": "OHEM: at least this many pixels per image (the hardest ones)",
+    "aux_weight": "weight of the auxiliary heads' losses (0: none)",
+    "stage2_iters": "stage 2 optimizer steps (0: no stage 2)",
+    "stage2_lr_context": "stage 2 learning rate of the context path (the backbone, its ARMs, "
+                         "global-context and merging convolutions)",
+    "stage2_lr_rest": "stage 2 learning rate of the other layers",
+    "stage2_loss": "stage 2 loss: ohem or ce",
+    "amp": "mixed precision on CUDA: none, bf16 or fp16",
+    "grad_checkpointing": "recompute the backbone's blocks in the backward pass: less memory, "
+                          "more time",
+    "past_grad": "backpropagate through the past frames; --no-past-grad runs them without "
+                 "autograd (about 3/4 less backbone activation memory)",
+    "eval_interval": "evaluate on val_split, save best.* and last.* every N steps (and at "
+                     "the end)",
+    "log_interval": "log loss, lr and speed every N steps",
+    "save_minutes": "also save last.* every N minutes, so a kill -9 loses at most that much "
+                    "(0: only at evaluations)",
+    "seed": "seed of the initialisation, the data order and the augmentation",
+    "out": "run directory: stage1/, stage2/, best.safetensors, last.safetensors",
+    "device": "auto, cpu, cuda or cuda:N",
+}
+
+# Fields --resume may change: they do not change what the remaining steps compute, or they
+# are checked where they could (batch_size/accum: the global batch must stay the same). The
+# schedule's length may change on purpose (the lr then decays over the new length); all are
+# listed when they differ. Any other difference refuses to resume.
+RESUME_SAFE = {"iters", "epochs", "stage2_iters", "eval_interval", "log_interval",
+               "save_minutes", "workers", "data", "out", "device", "val_split", "eval_size",
+               "grad_checkpointing", "batch_size", "accum", "global_batch", "pretrained"}
+# Fields one stage never reads: a difference in them does not matter to that stage.
+UNUSED_BY_STAGE = {1: {"stage2_lr_context", "stage2_lr_rest", "stage2_loss"},
+                   2: {"lr", "loss"}}
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TUPLES = {"crop_size": int, "eval_size": int, "scale_range": float}
@@ -169,6 +243,10 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("batch_size", "accum", "eval_interval", "log_interval"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.save_minutes < 0:
+        raise ValueError(f"save_minutes must be >= 0 (0: off), got {cfg.save_minutes}")
+    if cfg.num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")
     if cfg.lr <= 0 or cfg.stage2_lr_context < 0 or cfg.stage2_lr_rest <= 0:
         raise ValueError("learning rates must be positive")
     if not 0 < cfg.ohem_thresh <= 1 or cfg.ohem_min_kept < 0:
@@ -176,26 +254,63 @@ def validate(cfg: TrainConfig) -> None:
 
 
 # -- command line -------------------------------------------------------------------------------
-_ALIASES = {"data": ["--data"], "out": ["--out"], "iters": ["--iters"], "accum": ["--accum"]}
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return "none" if value is None else str(value)
 
 
-def add_override_args(parser: argparse.ArgumentParser) -> None:
+def add_override_args(parser: argparse.ArgumentParser,
+                      defaults: Optional[TrainConfig] = None, source: str = "") -> None:
     """One flag per field (--batch-size, --lr, --crop-size 480 480, --past-grad/--no-past-grad,
-    ...) plus --set key=value; all default to None (= not overridden)."""
-    group = parser.add_argument_group("config overrides (any field of the config)")
-    for name, f in FIELDS.items():
-        flags = _ALIASES.get(name, [f"--{name.replace('_', '-')}"])
+    ...) plus --set key=value, each explained (FIELD_HELP) with the value it has when not
+    given: `defaults` (the dataclass's, or a preset's, named by `source`). The flags default
+    to None (= not overridden)."""
+    defaults = defaults or TrainConfig()
+    group = parser.add_argument_group(
+        "config (any field; a flag overrides the preset or --config file)",
+        f"The defaults shown are {source or 'the paper recipe (preset tbn_swin_l)'}'s; "
+        f"`tbn-train --preset NAME --help` shows NAME's.")
+    for name in FIELDS:
+        if name == "model_kwargs":
+            continue  # YAML or --set model_kwargs={...}
+        flag = f"--{name.replace('_', '-')}"
+        text = f"{FIELD_HELP.get(name, name)} (default: {_shown(getattr(defaults, name))})"
+        text = text.replace("%", "%%")
         if name in _BOOLS:
-            group.add_argument(*flags, dest=name, default=None,
+            group.add_argument(flag, dest=name, default=None, help=text,
                                action=argparse.BooleanOptionalAction)
         elif name in _TUPLES:
-            group.add_argument(*flags, dest=name, default=None, nargs=2, metavar=("A", "B"))
-        elif name == "model_kwargs":
-            continue  # YAML or --set model_kwargs={...}
+            group.add_argument(flag, dest=name, default=None, nargs=2, metavar=("A", "B"),
+                               help=text)
         else:
-            group.add_argument(*flags, dest=name, default=None, metavar=name.upper())
+            kind = type(FIELDS[name].default)
+            metavar = {int: "N", float: "X"}.get(kind, name.upper())
+            group.add_argument(flag, dest=name, default=None, metavar=metavar, help=text)
     group.add_argument("--set", dest="set_values", action="append", default=[],
-                       metavar="KEY=VALUE", help="any field, value parsed as YAML")
+                       metavar="KEY=VALUE",
+                       help="any field, the value parsed as YAML (e.g. model_kwargs={...})")
+
+
+def resume_changes(saved: Dict[str, Any], cfg: TrainConfig,
+                   stage: int) -> Tuple[List[str], List[str]]:
+    """The differences `field old -> new` between the config a stage was trained with and
+    `cfg`, split into (safe to resume with, changes the results). Fields the saved config
+    lacks (an older version) count as their defaults."""
+    safe: List[str] = []
+    unsafe: List[str] = []
+    now = cfg.to_dict()
+    for name in FIELDS:
+        if name in UNUSED_BY_STAGE.get(stage, ()):
+            continue
+        old = saved.get(name, TrainConfig().to_dict()[name])
+        if isinstance(old, tuple):
+            old = list(old)
+        if old == now[name]:
+            continue
+        (safe if name in RESUME_SAFE else unsafe).append(
+            f"{name} {_shown(old)} -> {_shown(now[name])}")
+    return safe, unsafe
 
 
 def overrides_from_args(args: argparse.Namespace) -> Dict[str, Any]:

@@ -7,6 +7,7 @@ Backend: nccl on CUDA, gloo on the CPU.
 
 import os
 from dataclasses import dataclass
+from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -73,13 +74,13 @@ def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world_size
 
 
-def broadcast_flag(flag: bool, info: DistInfo) -> bool:
-    """Rank 0's boolean, on every rank."""
+def any_rank(flags: Sequence[bool], info: DistInfo) -> List[bool]:
+    """Each flag, true if it is true on any rank, on every rank (one small all-reduce)."""
     if not info.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.broadcast(t, 0)
-    return bool(t.item())
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in t.tolist()]
 
 
 def max_weight_diff(model, info: DistInfo) -> float:

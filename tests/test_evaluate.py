@@ -1,11 +1,15 @@
-"""tbn-eval: the ring-based predict_video equals the naive 4-frame clip forward; --pred metrics."""
+"""tbn-eval: the ring-based predict_video equals the naive 4-frame clip forward; --pred metrics;
+mistakes (checkpoints, predictions, labels beyond the classes) named in one line."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from tbn_runtime.classes import PALETTE
 from tbn_runtime.masks import write_mask_png
 from tbn_runtime.preprocess import normalize_bgr
 from tbn_runtime.temporal import clip_indices
@@ -14,12 +18,7 @@ from tbn_train.data.vspw import index_split, iter_video
 from tbn_train.evaluate import main, predict_logits, predict_video
 from tbn_train.models import build_model
 
-from train_helpers import make_synth
-
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    return make_synth(tmp_path_factory.mktemp("eval") / "synth")
+from train_helpers import synth_root  # noqa: F401 (a fixture)
 
 
 def _naive_logits(model, frames, t):
@@ -88,3 +87,59 @@ def test_eval_bad_checkpoint_is_one_line(synth_root, tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nope.safetensors"),
                  "--data", str(synth_root)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# -- mistakes: one line naming the file, exit 2 -------------------------------------------------
+def _checkpoint(path, num_classes=124):
+    torch.manual_seed(0)
+    save_checkpoint(str(path), build_model("tbn_tiny", num_classes=num_classes), {})
+    return path
+
+
+def _fewer_classes(tmp, data):
+    return ["--checkpoint", str(_checkpoint(tmp / "c10.safetensors", 10))], \
+        ["val_000", "mask/00000000.png", "10 classes"]
+
+
+def _label_beyond_classes_mid_video(tmp, data):  # the sample reads first/last frames only
+    mask = data / "data" / "val_000" / "mask" / "00000005.png"
+    img = Image.fromarray(np.full((64, 96), 110, np.uint8))  # raw 110: train id 109
+    img.putpalette(PALETTE.tobytes())
+    img.save(mask)
+    return ["--checkpoint", str(_checkpoint(tmp / "c100.safetensors", 100))], \
+        [str(mask), "train ids [109]", "100 classes"]
+
+
+def _prediction_200(tmp, data):
+    for video in index_split(data, "val"):
+        for t, _, label in iter_video(video):
+            write_mask_png(tmp / "pred" / video.name / f"{video.frames[t].stem}.png", label)
+    bad = tmp / "pred" / "val_000" / "00000004.png"
+    write_mask_png(bad, np.full((64, 96), 200, np.uint8))
+    return ["--pred", str(tmp / "pred")], [str(bad), "train ids"]
+
+
+def _pickle_checkpoint(tmp, data):
+    torch.save(build_model("tbn_tiny").state_dict(), tmp / "model.pt")
+    return ["--checkpoint", str(tmp / "model.pt")], ["model.pt", "pickle", "never unpickles"]
+
+
+def _truncated_checkpoint(tmp, data):
+    whole = _checkpoint(tmp / "whole.safetensors").read_bytes()
+    (tmp / "cut.safetensors").write_bytes(whole[:len(whole) // 2])
+    return ["--checkpoint", str(tmp / "cut.safetensors")], ["cut.safetensors", "truncated"]
+
+
+@pytest.mark.parametrize("make", [_fewer_classes, _label_beyond_classes_mid_video,
+                                  _prediction_200, _pickle_checkpoint, _truncated_checkpoint])
+def test_eval_mistakes_name_the_file(make, synth_root, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    argv, words = make(tmp_path, data)
+    assert main(argv + ["--data", str(data), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tbn-eval: error: "), err
+    assert "mIoU" not in captured.out  # no table of a wrong evaluation
+    for word in words:
+        assert word in err[0], err[0]

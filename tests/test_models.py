@@ -93,11 +93,45 @@ def test_gradients_reach_every_parameter(name):
     assert not missing, missing
 
 
-def test_past_grad_switch_same_output():
+def _train_pass(model, clip, past_grad):
+    """Logits, input gradient and parameter gradients of one training-mode pass."""
+    model.zero_grad()
+    x = clip.clone().requires_grad_(True)
+    logits = model(x, past_grad=past_grad)
+    logits.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), x.grad, grads
+
+
+def test_past_grad_switch_in_training():
+    """--no-past-grad (training mode, where it is used): the same function of the clip, but
+    gradients reach the past frames only with past_grad."""
     torch.manual_seed(6)
-    model = randomize_batchnorm(build_model("tbn_tiny", num_classes=4)).eval()
-    clip = torch.randn(1, 4, 3, 64, 64)
-    torch.testing.assert_close(model(clip, past_grad=False), model(clip), rtol=1e-4, atol=1e-4)
+    model = randomize_batchnorm(build_model("tbn_tiny", num_classes=4)).train()
+    clip = torch.randn(2, 4, 3, 64, 64)
+    # Full training mode: BatchNorm normalises with the batch's statistics, and past_grad puts
+    # 4 frames per clip into one batch where --no-past-grad puts 1 (then 3), so they differ.
+    on, off = (model(clip, past_grad=g).detach() for g in (True, False))
+    assert (on - off).abs().max() > 1e-3
+    # With BatchNorm on its running statistics and no stochastic depth, each frame's path is
+    # the same function in both modes: the logits must agree.
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+        if isinstance(m, timm.layers.DropPath):
+            m.drop_prob = 0.0
+    (on, x_on, p_on), (off, x_off, p_off) = (_train_pass(model, clip, g) for g in (True, False))
+    torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-4)
+    # what differs: the gradient reaches every past frame of every clip only with past_grad
+    assert (x_on[:, :-1].flatten(2).abs().sum(-1) > 0).all()
+    assert (x_off[:, :-1] == 0).all()
+    assert (x_on[:, -1].flatten(1).abs().sum(-1) > 0).all()
+    assert (x_off[:, -1].flatten(1).abs().sum(-1) > 0).all()
+    # every parameter still learns; the backbone's gradient lacks the past frames' share
+    assert p_on.keys() == p_off.keys() and len(p_on) > 0
+    context = {id(p) for p in model.context_parameters()}
+    backbone = [n for n, p in model.named_parameters() if id(p) in context and n in p_on]
+    assert backbone and all(not torch.allclose(p_on[n], p_off[n]) for n in backbone[:4])
 
 
 def test_swin_l_parameter_count():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -26,6 +27,10 @@ import numpy as np
 from PIL import Image
 
 from tbn_runtime.classes import PALETTE, VSPW_CLASSES
+
+from ..cli import OneLineParser, add_verbosity_flags, setup_logging
+
+log = logging.getLogger("tbn_train.data.synth")  # not __main__ under python -m
 
 JPEG_QUALITY = 80
 FPS = 15
@@ -351,30 +356,48 @@ def generate(out: "str | Path", seed: int = 0, height: int = 160, width: int = 2
     return SynthSummary(out, sum(counts.values()), n_frames, size, time.perf_counter() - t0)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry of tbn-synth; returns the exit code."""
-    p = argparse.ArgumentParser(prog="tbn-synth", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="data/synth", help="dataset root to write (default: %(default)s)")
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="tbn-synth", description=__doc__.split("\n")[0],
+                      epilog="exit codes: 0 written; 2 a mistake in the options, or --out is "
+                             "not empty (one line says which)")
+    p.add_argument("--out", default="data/synth",
+                   help="dataset root to write (default: %(default)s)")
     for flag, default, note in (
-            ("--seed", 0, "everything derives from it"), ("--height", 160, "frame height, even"),
-            ("--width", 224, "frame width, even"), ("--videos-train", 10, ""),
-            ("--videos-val", 3, ""), ("--videos-test", 2, ""),
+            ("--seed", 0, "everything derives from it: the same options write the same bytes"),
+            ("--height", 160, "frame height in pixels, even, >= 16"),
+            ("--width", 224, "frame width in pixels, even, >= 16"),
+            ("--videos-train", 10, "videos in the train split"),
+            ("--videos-val", 3, "videos in the val split (each also written as an .mp4)"),
+            ("--videos-test", 2, "videos in the test split (each also written as an .mp4)"),
             ("--frames", 40, "frames per video (> 16 for mVC16)"),
             ("--classes", 5, f"moving-object classes, 1..{len(OBJECTS)}: "
                              f"{', '.join(o[0] for o in OBJECTS)} (in that order)")):
         p.add_argument(flag, type=int, default=default, help=f"{note} (default: {default})")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    a = p.parse_args(argv)
+    add_verbosity_flags(p)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry of tbn-synth; returns the exit code."""
+    setup_logging("tbn-synth")
     try:
+        a = build_parser().parse_args(argv)
+        setup_logging("tbn-synth", a.verbose, a.quiet)
+        log.debug(f"writing {a.videos_train + a.videos_val + a.videos_test} videos of "
+                  f"{a.frames} frames, {a.height}x{a.width}, to {a.out}")
         summary = generate(a.out, seed=a.seed, height=a.height, width=a.width,
                            videos_train=a.videos_train, videos_val=a.videos_val,
                            videos_test=a.videos_test, frames=a.frames, classes=a.classes,
                            overwrite=a.overwrite)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
     except (FileExistsError, ValueError, OSError) as e:
-        print(f"tbn-synth: {e}", file=sys.stderr)
+        log.error(str(e))
         return 2
-    print(f"tbn-synth: wrote {summary.videos} videos ({summary.frames} frames) to "
-          f"{summary.root}, {summary.bytes / 1e6:.1f} MB, {summary.seconds:.1f} s")
+    if not a.quiet:  # what was written: the command's output, on stdout (messages: stderr)
+        print(f"tbn-synth: wrote {summary.videos} videos ({summary.frames} frames) to "
+              f"{summary.root}, {summary.bytes / 1e6:.1f} MB, {summary.seconds:.1f} s")
     return 0
 
 

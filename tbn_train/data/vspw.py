@@ -24,11 +24,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tbn_runtime.classes import NUM_CLASSES, raw_to_train_ids
+from tbn_runtime.classes import IGNORE_INDEX, NUM_CLASSES, raw_to_train_ids
 from tbn_runtime.masks import read_label_png
 from tbn_runtime.temporal import DEFAULT_OFFSETS, clip_indices
 
+from ..errors import DatasetError
 from .transforms import Size, augment_clip, sample_params
+
+__all__ = ["DatasetError", "Video", "VSPWClips", "check_class_count", "check_train_ids",
+           "index_split", "iter_video", "read_frame", "read_mask"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -37,9 +41,6 @@ _VALID_RAW = np.zeros(256, dtype=bool)
 _VALID_RAW[:NUM_CLASSES + 1] = True
 _VALID_RAW[255] = True
 
-
-class DatasetError(Exception):
-    """A problem with the dataset on disk; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ def read_mask(path: PathLike, frame_path: Optional[PathLike] = None,
     try:
         raw = read_label_png(path)
     except (OSError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read the mask ({e}); replace the file") from e
+        reason = str(e).replace(f"{path}: ", "")  # named once, at the front
+        raise DatasetError(f"{path}: cannot read the mask ({reason}); replace the file") from e
     if frame_size is not None and raw.shape != tuple(frame_size):
         raise DatasetError(f"{path}: mask is {raw.shape[0]}x{raw.shape[1]} but its image "
                            f"{frame_path} is {frame_size[0]}x{frame_size[1]}; write the mask "
@@ -123,6 +125,39 @@ def read_mask(path: PathLike, frame_path: Optional[PathLike] = None,
                            f"255; store raw VSPW values (0 others, 1..{NUM_CLASSES} classes, "
                            f"255 void)")
     return raw_to_train_ids(raw)
+
+
+def check_train_ids(ids: np.ndarray, num_classes: int, mask_path: PathLike, fix: str) -> None:
+    """DatasetError naming `mask_path` when the train ids `ids` (ignore 255 aside) reach
+    `num_classes`; `fix` ends the message (what the user should do)."""
+    ids = np.asarray(ids)
+    bad = (ids >= num_classes) & (ids != IGNORE_INDEX)
+    if bad.any():
+        values = np.unique(ids[bad]).tolist()
+        raise DatasetError(f"{mask_path}: train ids {values[:8]} (raw mask values "
+                           f"{[v + 1 for v in values[:8]]}) are beyond the model's "
+                           f"{num_classes} classes (train ids 0..{num_classes - 1}); {fix}")
+
+
+def check_class_count(videos: Sequence[Video], num_classes: int, fix: str,
+                      max_videos: int = 128) -> None:
+    """Before training or evaluating: do the masks hold train ids the model has no class for?
+
+    `read_mask` admits train ids 0..NUM_CLASSES-1 only, so with num_classes >= NUM_CLASSES
+    nothing can be out of range and nothing is read. Otherwise the first and last mask of up
+    to `max_videos` videos spread over the split are read (about a second for VSPW; a video's
+    classes mostly persist from frame to frame): sound (what it reports is a real mask) and
+    cheap, not complete. The per-item check in training and evaluation (`check_train_ids`)
+    names any file the sample misses.
+    """
+    if num_classes >= NUM_CLASSES or not videos:
+        return
+    step = max(1, len(videos) // max_videos)
+    for video in list(videos)[::step][:max_videos]:
+        if video.masks is None:
+            continue
+        for t in sorted({0, len(video) - 1}):
+            check_train_ids(read_mask(video.masks[t]), num_classes, video.masks[t], fix)
 
 
 def iter_video(video: Video) -> Iterator[Tuple[int, np.ndarray, Optional[np.ndarray]]]:

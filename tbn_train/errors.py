@@ -1,0 +1,51 @@
+"""Why a tbn_train command ends early: each error carries one line that names the cause and
+the fix, and the commands turn it into that line and an exit code, never a traceback.
+
+Nothing here imports torch, so the command lines can catch these before torch is loaded.
+`DatasetError` is also importable from `tbn_train.data.vspw`, `CheckpointError` from
+`tbn_train.checkpoint`.
+"""
+
+import logging
+from typing import Optional
+
+
+class DatasetError(Exception):
+    """A problem with the dataset on disk; the message names the file and the fix.
+
+    A DataLoader worker hands its exception to the main process as a class and a formatted
+    traceback, and the main process raises `DatasetError("Caught DatasetError in DataLoader
+    worker process 0.\\nOriginal Traceback ...\\n...DatasetError: <message>")`. Such a message
+    is cut back to the original line here, so the user sees the same line with workers as
+    without; the worker's traceback stays in `worker_traceback` (tbn-train -v logs it).
+    """
+
+    def __init__(self, message: object = "") -> None:
+        text = str(message)
+        self.worker_traceback: Optional[str] = None
+        if text.startswith("Caught DatasetError") and "Traceback" in text:
+            self.worker_traceback = text
+            text = text.rstrip().splitlines()[-1].split("DatasetError: ", 1)[-1]
+        super().__init__(text)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or training state that cannot be used; the message names the file and the
+    fix."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; nothing of the bad step is saved."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped early with its last completed step saved (a signal, a data error).
+
+    `exit_code`: 128 + the signal number (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1), 2 for a data
+    error. `level`: the logging level its line is reported at.
+    """
+
+    def __init__(self, message: str, exit_code: int, level: int = logging.WARNING) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.level = level

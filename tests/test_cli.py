@@ -1,0 +1,70 @@
+"""The command lines a newcomer meets first: --help at once (torch is not imported for it),
+every training flag explained with its default, messages through logging that progress bars
+do not break, -q."""
+
+import logging
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tbn_train import cli
+from tbn_train.config import FIELD_HELP, FIELDS
+from tbn_train.data import synth
+from tbn_train.train import build_parser
+
+
+@pytest.mark.parametrize("module", ["tbn_train.train", "tbn_train.evaluate",
+                                    "tbn_train.data.synth"])
+def test_help_answers_without_importing_torch(module):
+    code = (f"import sys\nfrom {module} import main\nassert main(['--help']) == 0\n"
+            f"heavy = sorted(m for m in ('torch', 'timm', 'safetensors') if m in sys.modules)\n"
+            f"assert not heavy, heavy\n")
+    start = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    seconds = time.perf_counter() - start
+    print(f"{module} --help: {seconds:.2f} s")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "usage:" in res.stdout
+    assert seconds < 5, f"{module} --help took {seconds:.1f} s"  # generous: ~0.5 s measured
+
+
+def test_every_config_field_has_an_explained_flag_with_its_default():
+    assert set(FIELD_HELP) == set(FIELDS)
+    parser = build_parser([])
+    flags = {a.dest: a for a in parser._actions}
+    for name in FIELDS:
+        if name == "model_kwargs":  # a mapping: YAML or --set
+            continue
+        assert name in flags, name
+        assert FIELD_HELP[name] in flags[name].help and "(default: " in flags[name].help, name
+    assert "(default: 0.002)" in flags["lr"].help  # the paper's recipe
+    demo = {a.dest: a for a in build_parser(["--preset", "demo"])._actions}
+    assert "(default: 0.05)" in demo["lr"].help and "(default: tbn_tiny)" in demo["model"].help
+
+
+def test_log_lines_stay_whole_above_a_progress_bar(capsys):
+    cli.setup_logging("tbn-train")
+    with cli.progress_bar(3, "stage 1", enabled=True) as bar:
+        bar.update(1)
+        logging.getLogger("tbn_train.stage").info("stage 1 step 1/3: val mIoU 1.00")
+        bar.update(1)
+    segments = [s.strip() for s in re.split(r"[\r\n]", capsys.readouterr().err)]
+    assert "tbn-train: stage 1 step 1/3: val mIoU 1.00" in segments, segments
+
+
+def test_synth_says_what_it_wrote_and_nothing_with_q(tmp_path, capsys):
+    small = ["--videos-train", "1", "--videos-val", "0", "--videos-test", "0", "--frames", "2",
+             "--height", "16", "--width", "16"]
+    assert synth.main(["--out", str(tmp_path / "a"), *small]) == 0
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("tbn-synth: wrote 1 videos") and not captured.err
+    assert synth.main(["--out", str(tmp_path / "b"), "-q", *small]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert synth.main(["--out", str(tmp_path / "b"), *small]) == 2  # not empty: refused
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0] and err[0].startswith("tbn-synth: error")
