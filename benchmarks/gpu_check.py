@@ -71,7 +71,8 @@ def run_step(name: str, cmd: List[str], timeout: float, log: Optional[str],
     status = "timed out" if timed_out else f"exit {rc}"
     print(f"gpu_check: [{name}] {status} after {seconds:.0f} s", flush=True)
     return {"step": name, "command": " ".join(cmd), "rc": rc, "timed_out": timed_out,
-            "seconds": round(seconds, 2), "tail": text[-3000:], "log": log and os.path.basename(log)}
+            "seconds": round(seconds, 2), "tail": text[-3000:],
+            "log": log and os.path.basename(log)}
 
 
 def env_info(device: str) -> Dict[str, Any]:

@@ -25,7 +25,7 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from tbn_runtime.logs import add_verbosity_flags, setup_logging
+from tbn_runtime.console import add_verbosity_flags, setup_logging
 
 DEFAULT_CHECKPOINT = "runs/tbn/best.safetensors"
 DEFAULT_RUN = "runs/tbn"

@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import List, Optional
 
-from .logs import add_verbosity_flags, setup_logging
+from .console import add_verbosity_flags, setup_logging
 
 PROG = "tbn-run"
 log = logging.getLogger("tbn_runtime")

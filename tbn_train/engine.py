@@ -30,7 +30,7 @@ from tbn_runtime.files import atomic_write
 from . import distributed as dist_utils
 from . import losses
 from .checkpoint import save_checkpoint, save_train_state
-from .cli import progress_bar
+from tbn_runtime.console import progress_bar
 from .config import TrainConfig
 from .distributed import DistInfo
 from .errors import DatasetError, NonFiniteLoss, TrainingStopped

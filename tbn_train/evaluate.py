@@ -21,18 +21,21 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from tbn_runtime import console as cli
 from tbn_runtime.files import atomic_write
 from tbn_runtime.masks import read_label_png, write_mask_png
 from tbn_runtime.metrics import SegMetrics, format_table
 from tbn_runtime.preprocess import normalize_bgr
 from tbn_runtime.temporal import FeatureRing
 
-from . import cli
 from .errors import CheckpointError, DatasetError
+
+if TYPE_CHECKING:
+    import torch
 
 # torch, the models and the data reader are imported where they are used: --help answers first.
 

@@ -39,9 +39,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from tbn_runtime import console as cli
 from tbn_runtime.files import atomic_write
 
-from . import cli
 from .config import (FIELDS, TrainConfig, add_override_args, list_presets, make_config,
                      overrides_from_args)
 from .errors import CheckpointError, DatasetError, NonFiniteLoss, TrainingStopped

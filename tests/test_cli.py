@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tbn_train import cli
+from tbn_runtime import console as cli
 from tbn_train.config import FIELD_HELP, FIELDS
 from tbn_train.data import synth
 from tbn_train.train import build_parser

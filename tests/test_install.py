@@ -20,11 +20,17 @@ BIN = os.path.dirname(sys.executable)
 def test_runtime_install_without_torch_streams_a_video(export_dir, tmp_path):
     from tbn_runtime.masks import read_label_png
 
+    import shutil
+
     venv = tmp_path / "runtime-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = str(venv / "bin" / "python")
+    # the package from a copy of its sources: pip builds in the tree it is given
+    src = tmp_path / "tbn-vit"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".whl", "build", "*.egg-info", "runs", "data", "__pycache__"))
     r = subprocess.run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        REPO], capture_output=True, text=True, timeout=900)
+                        str(src)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True)
     assert r.returncode != 0 and "No module named 'torch'" in r.stderr  # the runtime alone

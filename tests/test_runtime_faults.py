@@ -26,7 +26,7 @@ def video(tmp_path_factory):
     return write_video(str(d / "cam.mp4"), synthetic_frames(6, 48, 64, seed=4))
 
 
-# -- the manifest is validated at load --------------------------------------------------------------
+# -- the manifest is validated at load -------------------------------------------------------------
 def _set(field, value):
     def edit(m):
         m[field] = value
@@ -66,7 +66,7 @@ def test_a_bad_manifest_is_one_line_naming_the_field(export_dir, video, tmp_path
     assert not (tmp_path / "o").exists()  # nothing written, not even an empty folder
 
 
-# -- outputs checked before the first frame ---------------------------------------------------------
+# -- outputs checked before the first frame --------------------------------------------------------
 def test_outputs_are_checked_before_the_first_frame(export_dir, video, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, not a folder")
@@ -86,7 +86,7 @@ def test_outputs_are_checked_before_the_first_frame(export_dir, video, tmp_path)
                             "0"), "--max-frames")
 
 
-# -- one run per output folder ----------------------------------------------------------------------
+# -- one run per output folder ---------------------------------------------------------------------
 def test_a_second_run_into_the_same_folder_is_refused(export_dir, video, tmp_path):
     out = tmp_path / "o"
     with FolderLock(str(out), "tbn-run other.mp4 --out o"):
@@ -134,7 +134,7 @@ def test_temporaries_of_killed_runs_are_swept_and_live_ones_kept(export_dir, vid
     assert "left by a run that was killed" in r.stderr
 
 
-# -- SIGTERM stops cleanly; --resume finishes identically --------------------------------------------
+# -- SIGTERM stops cleanly; --resume finishes identically ------------------------------------------
 def test_sigterm_stops_cleanly_and_resume_finishes_identically(export_dir, tmp_path):
     long = write_video(str(tmp_path / "long.mp4"), synthetic_frames(150, 48, 64, seed=9))
     full = tmp_path / "full"

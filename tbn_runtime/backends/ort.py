@@ -175,7 +175,8 @@ class OrtBackend(Backend):
         tout = [o.name for o in self.temporal_sess.get_outputs()]
         want_tin = [m.current_input] + list(m.past_inputs)
         if (fin != [m.frame_input] or m.feature_output not in fout
-                or sorted(tin) != sorted(want_tin) or m.labels_output not in tout or len(m.past_inputs) != len(m.temporal_offsets)):
+                or sorted(tin) != sorted(want_tin) or m.labels_output not in tout
+                or len(m.past_inputs) != len(m.temporal_offsets)):
             raise BackendError(
                 f"the ONNX files in {self.export_dir} do not match its manifest (feature "
                 f"{fin}->{fout}, temporal {tin}->{tout}); export again with tbn-export")

@@ -194,8 +194,9 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
     chunk_frames: None for DEFAULT_CHUNK_FRAMES, 0 for whole videos only. cpus_per_worker and
     workers: see start_workers (None: as many workers as the cluster holds). Returns the
     stats: a table of the videos (frames, fps, nodes) and "failed_videos" ({video: error}: each
-    logged as it fails; the run goes on without them, --resume retries them). Raises ClusterError (Ray missing or unreachable, no worker
-    can start), ManifestError and SourceError.
+    logged as it fails; the run goes on without them, --resume retries them). Raises
+    ClusterError (Ray missing or unreachable, no worker can start), ManifestError and
+    SourceError.
     """
     from tqdm import tqdm
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from tbn_runtime.classes import PALETTE, VSPW_CLASSES
 
-from ..cli import OneLineParser, add_verbosity_flags, setup_logging
+from tbn_runtime.console import OneLineParser, add_verbosity_flags, setup_logging
 
 log = logging.getLogger("tbn_train.data.synth")  # not __main__ under python -m
 

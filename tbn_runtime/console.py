@@ -1,8 +1,9 @@
-"""What tbn-train, tbn-eval and tbn-synth share on the command line: argument errors as one
-line, -v/-q, messages through `logging`, and progress bars that messages do not break.
+"""What the tbn commands share on the command line: argument errors as one line, -v/-q,
+messages through `logging` as `prog: message` lines on stderr, and progress bars that messages
+do not break.
 
 Imports only the standard library (tqdm when a bar is made): every command answers --help
-before torch is imported.
+before torch, OpenCV or ONNX Runtime is imported.
 """
 
 import argparse
@@ -11,7 +12,8 @@ import logging
 import sys
 from typing import Iterator, Optional
 
-LOGGER = "tbn_train"  # the package's loggers (tbn_train.train, tbn_train.engine...) are below it
+#: the packages' loggers (tbn_train.train, tbn_runtime, ...) are these or below them
+LOGGERS = ("tbn_runtime", "tbn_train", "tbn_export")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -45,21 +47,22 @@ class _Formatter(logging.Formatter):
 
 def setup_logging(prog: str, verbose: bool = False, quiet: bool = False,
                   rank: int = 0) -> logging.Logger:
-    """Send the package's messages to stderr as `prog: ...` lines; callable again (after the
+    """Send the packages' messages to stderr as `prog: ...` lines; callable again (after the
     flags are parsed, after the process group is joined). Other ranks than 0 report warnings
     and errors only, as `prog[rank N]: ...`."""
-    logger = logging.getLogger(LOGGER)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(prog if rank == 0 else f"{prog}[rank {rank}]"))
-    logger.addHandler(handler)
     level = logging.DEBUG if verbose else logging.INFO
     if quiet or rank != 0:
         level = logging.WARNING
-    logger.setLevel(level)
-    logger.propagate = False
-    return logger
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+    return logging.getLogger(LOGGERS[0])
 
 
 def show_progress(quiet: bool) -> bool:
@@ -77,5 +80,5 @@ def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0,
 
     with tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=leave,
               dynamic_ncols=True, file=sys.stderr) as bar:
-        with logging_redirect_tqdm([logging.getLogger(LOGGER)]):
+        with logging_redirect_tqdm([logging.getLogger(name) for name in LOGGERS]):
             yield bar
