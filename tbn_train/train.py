@@ -13,7 +13,8 @@ OUT/last.safetensors are copies of the last stage run's (tbn-export reads OUT/be
 settings in OUT/config.json.
 
 A run directory is never deleted or overwritten unasked: training into one that holds a run
-needs --resume (continue it) or --overwrite (start again). --resume without --preset/--config
+needs --resume (continue it) or --overwrite (start again); the same command again, after the
+run has finished, says so and does nothing. --resume without --preset/--config
 continues with the run's own settings; flags given with it may change what does not change the
 results (a longer --iters, intervals, workers, device: listed when they differ), anything else
 is refused with the list of differences.
@@ -103,6 +104,28 @@ def prepare_out(out: Path, stages: List[int], resume: bool, overwrite: bool, inf
     dist_utils.barrier(info)
 
 
+def already_trained(out: Path, stages: List[int], cfg: TrainConfig) -> Optional[float]:
+    """The best val mIoU of a finished run in `out` that these settings would train again (each
+    stage done, nothing that changes the results differs), else None."""
+    from .checkpoint import load_train_state
+    from .config import resume_changes
+    from .stage import finished
+
+    if not (out / "best.safetensors").is_file():
+        return None
+    best = None
+    for s in stages:
+        try:
+            state = load_train_state(out / f"stage{s}")
+        except CheckpointError:
+            return None
+        if state is None or not finished(state, cfg, s) or resume_changes(state["config"],
+                                                                           cfg, s)[1]:
+            return None
+        best = state["best_miou"]
+    return best
+
+
 def publish(stage_dir: Path, out: Path) -> None:
     """Copy a stage's best (else last) and last checkpoints to OUT/."""
     best = stage_dir / "best.safetensors"
@@ -124,6 +147,12 @@ def run(cfg: TrainConfig, stage_arg: str, resume: bool, overwrite: bool, info,
         raise ValueError("this config has no stage 2 (stage2_iters is 0); pass --stage2-iters N")
     stages = [1, 2] if stage_arg == "all" else [int(stage_arg)]
     stages = [s for s in stages if s == 1 or cfg.stage2_iters > 0]
+    if not (resume or overwrite):
+        best = already_trained(out, stages, cfg)
+        if best is not None:  # the same run again (make demo, then the README's commands)
+            log.info(f"{out} already holds this run, finished (best val mIoU {best:.2f}); "
+                     f"nothing to do (--overwrite trains it again)")
+            return
     prepare_out(out, stages, resume, overwrite, info)
     if not Path(cfg.data).is_dir():
         raise DatasetError(f"data root {cfg.data} not found; pass --data ROOT (a VSPW folder), "

@@ -101,6 +101,15 @@ def test_cli_refuses_non_empty_out(tmp_path: Path, capsys: pytest.CaptureFixture
     assert line.count("\n") == 1 and "2 videos (6 frames)" in line and "MB" in line
     assert not (out / "keep.txt").exists() and (out / "train.txt").exists()
     assert not (tmp_path / "out.tmp").exists()
+    # the same dataset again (make demo, then the README's tbn-synth): nothing to do, untouched
+    stamp = (out / "synth.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert (out / "synth.json").stat().st_mtime_ns == stamp
+    # other options: refused, and the dataset left as it is
+    assert main(args[:-6] + ["--videos-train", "2", "--videos-val", "1", "--videos-test", "0"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "synth.json").stat().st_mtime_ns == stamp
 
 
 def test_cli_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -107,7 +107,8 @@ class Fault:
 
 
 FAULTS = [
-    Fault("run exists", RUN, 2, ("already holds", "--resume", "--overwrite"), from_run=True),
+    Fault("run exists, other settings", ("--iters", "3", "--batch-size", "2"), 2,
+          ("already holds", "--resume", "--overwrite"), from_run=True),
     Fault("resume, nothing to resume", ("--resume",), 2, ("nothing to resume",)),
     Fault("resume and overwrite", (*RUN, "--resume", "--overwrite"), 2, ("not both",),
           from_run=True),
@@ -191,6 +192,18 @@ def test_resume_may_extend_the_schedule(finished_run, synth_root, tmp_path, caps
     assert "changed settings" in err and "iters 2 -> 3" in err, err
     assert logged_steps(out) == [1, 2, 3]
     assert torch.load(out / "stage1" / "last.state.pt", weights_only=True)["step"] == 3
+
+
+def test_the_same_command_after_a_finished_run_does_nothing(finished_run, synth_root, tmp_path,
+                                                             capsys):
+    """make demo, then the README's tbn-train --preset demo: the run is there, finished with
+    these settings; nothing is trained, deleted or rewritten."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert train.main(train_args(synth_root, out, *RUN, "--workers", "0")) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
 
 
 def test_overwrite_starts_again(finished_run, synth_root, tmp_path):

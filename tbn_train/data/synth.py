@@ -59,14 +59,14 @@ def raw_id(name: str) -> int:
 
 @dataclass(frozen=True)
 class SynthSummary:
-    """What `generate` wrote."""
+    """What `generate` wrote (or found: `existing`, the same dataset already in place)."""
 
     root: Path
     videos: int
     frames: int
     bytes: int
     seconds: float
-
+    existing: bool = False
 
 
 @dataclass
@@ -317,13 +317,25 @@ def generate(out: "str | Path", seed: int = 0, height: int = 160, width: int = 2
     if frames < 1 or min(videos_train, videos_val, videos_test) < 0 or not (
             1 <= classes <= len(OBJECTS)):
         raise ValueError(f"need frames >= 1, video counts >= 0, classes in 1..{len(OBJECTS)}")
+    counts = {"train": videos_train, "val": videos_val, "test": videos_test}
+    options = {"seed": seed, "height": height, "width": width, "frames": frames,
+               "videos": counts, "object_classes": [o[0] for o in OBJECTS[:classes]]}
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        # synth.json is written last and the tree renamed into place whole: if it says these
+        # options, the dataset is this one (the same options write the same bytes)
+        try:
+            found = json.loads((out / "synth.json").read_text())
+        except (OSError, ValueError):
+            found = None
+        if isinstance(found, dict) and {k: found.get(k) for k in options} == options:
+            return SynthSummary(out, sum(counts.values()), frames * sum(counts.values()), 0,
+                                time.perf_counter() - t0, existing=True)
+        raise FileExistsError(f"{out} exists and holds something else than this dataset; pass "
+                              f"--overwrite to replace it")
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "videos").mkdir(parents=True)
-    counts = {"train": videos_train, "val": videos_val, "test": videos_test}
     n_frames = 0
     try:
         for s, (split, n) in enumerate(counts.items()):
@@ -342,9 +354,7 @@ def generate(out: "str | Path", seed: int = 0, height: int = 160, width: int = 2
                 n_frames += len(imgs)
             (tmp / f"{split}.txt").write_text("".join(f"{v}\n" for v in names))
         used = sorted(raw_id(n) for n in BACKGROUNDS + tuple(o[0] for o in OBJECTS[:classes]))
-        meta = {"seed": seed, "height": height, "width": width, "frames": frames,
-                "videos": counts, "object_classes": [o[0] for o in OBJECTS[:classes]],
-                "raw_ids": {str(r): VSPW_CLASSES[r - 1] for r in used}}
+        meta = {**options, "raw_ids": {str(r): VSPW_CLASSES[r - 1] for r in used}}
         (tmp / "synth.json").write_text(json.dumps(meta, indent=1) + "\n")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -395,7 +405,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileExistsError, ValueError, OSError) as e:
         log.error(str(e))
         return 2
-    if not a.quiet:  # what was written: the command's output, on stdout (messages: stderr)
+    if summary.existing:
+        log.info(f"{summary.root} already holds this dataset (the same options); nothing to "
+                 f"do (--overwrite writes it again)")
+    elif not a.quiet:  # what was written: the command's output, on stdout (messages: stderr)
         print(f"tbn-synth: wrote {summary.videos} videos ({summary.frames} frames) to "
               f"{summary.root}, {summary.bytes / 1e6:.1f} MB, {summary.seconds:.1f} s")
     return 0
