@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The whole pipeline on synthetic data, on a CPU, in about 10 minutes on 2 cores (`make demo`,
-# after `make install`): dataset -> training -> export fp32 and fp16 -> streaming a video ->
-# latency table -> accuracy table (the release gate: a non-zero exit if a backend drifts).
+# The whole pipeline on synthetic data, on a CPU (`make demo`, after `make install`): dataset ->
+# training -> export fp32, fp16 and int8 -> streaming a video -> latency table -> accuracy table
+# (the release gate: a non-zero exit if a backend drifts). Each step that finds its output
+# already made does nothing, so a second `make demo` only streams and measures again.
 #
-# Outputs: data/synth (dataset), runs/tbn (checkpoints, export, export-fp16), runs/tbn/demo
-# (masks, overlay video, stream stats, latency and accuracy JSON + PNG charts).
+# Outputs: data/synth (dataset), runs/tbn (checkpoints, export, export-fp16, export-int8),
+# runs/tbn/demo (masks, overlay video, stream stats, latency and accuracy JSON + PNG charts).
 # Environment: PY (default .venv/bin/python), DEMO_FRAMES (latency frames, default 20),
 # DEMO_ITERS (training steps; default: the demo preset's) for a quicker smoke run.
 set -euo pipefail
@@ -15,7 +16,7 @@ DATA=data/synth
 RUN=runs/tbn
 DEMO=$RUN/demo
 FRAMES=${DEMO_FRAMES:-20}
-STEPS=7
+STEPS=8
 step=0
 start=$(date +%s)
 
@@ -31,13 +32,10 @@ progress() {
 }
 
 progress "synthetic dataset -> $DATA"
-if [ -f "$DATA/synth.json" ] && [ -f "$DATA/val.txt" ]; then
-    echo "demo: $DATA already exists (tbn-synth output is deterministic); reusing it"
-else
-    "$PY" -m tbn_train.data.synth --out "$DATA" --overwrite
-fi
+"$PY" -m tbn_train.data.synth --out "$DATA"     # does nothing if it is already there
 
 progress "train the demo model (tbn_tiny, --preset demo) -> $RUN"
+# does nothing if the same run has finished there already (--overwrite trains it again)
 "$PY" -m tbn_train.train --preset demo --data "$DATA" --out "$RUN" ${DEMO_ITERS:+--iters "$DEMO_ITERS"}
 
 # Export at the dataset's frame size, so tbn-run and the accuracy check need no resize.
@@ -45,11 +43,15 @@ read -r HEIGHT WIDTH < <("$PY" -c "import json; m = json.load(open('$DATA/synth.
 
 progress "export fp32 (${HEIGHT}x${WIDTH}) -> $RUN/export"
 "$PY" -m tbn_export --checkpoint "$RUN/best.safetensors" --out "$RUN/export" \
-    --height "$HEIGHT" --width "$WIDTH" --overwrite
+    --height "$HEIGHT" --width "$WIDTH"
 
 progress "export fp16 (${HEIGHT}x${WIDTH}) -> $RUN/export-fp16"
 "$PY" -m tbn_export --checkpoint "$RUN/best.safetensors" --out "$RUN/export-fp16" \
-    --height "$HEIGHT" --width "$WIDTH" --fp16 --overwrite
+    --height "$HEIGHT" --width "$WIDTH" --fp16
+
+progress "export int8 (${HEIGHT}x${WIDTH}), calibrated on the train split -> $RUN/export-int8"
+"$PY" -m tbn_export --checkpoint "$RUN/best.safetensors" --out "$RUN/export-int8" \
+    --height "$HEIGHT" --width "$WIDTH" --int8 --calib "$DATA/train.txt" --overwrite
 
 VIDEO=$(ls "$DATA"/videos/val_*.mp4 2>/dev/null | head -n 1 || true)
 VIDEO=${VIDEO:-$(ls "$DATA"/videos/*.mp4 | head -n 1)}
@@ -58,14 +60,14 @@ mkdir -p "$DEMO"
 "$PY" -m tbn_runtime "$VIDEO" --out "$DEMO/masks" --model "$RUN/export" \
     --overlay "$DEMO/overlay.mp4" --stats "$DEMO/stream-stats.json" --overwrite --no-progress
 
+EXPORTS="$RUN/export,$RUN/export-fp16,$RUN/export-int8"
 progress "latency table ($FRAMES frames; naive vs ring vs ONNX Runtime vs tbn-run)"
-"$PY" benchmarks/latency.py --export "$RUN/export,$RUN/export-fp16" --frames "$FRAMES" \
+"$PY" benchmarks/latency.py --export "$EXPORTS" --frames "$FRAMES" \
     --warmup 3 --json "$DEMO/latency.json" --plot "$DEMO/latency.png"
 
-progress "accuracy table (PyTorch vs ONNX Runtime fp32/fp16 on $DATA val; the release gate)"
+progress "accuracy table (PyTorch vs ONNX Runtime fp32/fp16/int8 on $DATA val; the release gate)"
 "$PY" benchmarks/accuracy.py --data "$DATA" --checkpoint "$RUN/best.safetensors" \
-    --exports "$RUN/export,$RUN/export-fp16" --json "$DEMO/accuracy.json" \
-    --plot "$DEMO/accuracy.png"
+    --exports "$EXPORTS" --json "$DEMO/accuracy.json" --plot "$DEMO/accuracy.png"
 
 echo
 echo "demo: done in $(( $(date +%s) - start )) s; masks, overlay, tables and charts in $DEMO"
