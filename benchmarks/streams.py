@@ -57,8 +57,11 @@ def make_segmenter(backend: str, src: Any, device: str, streams: int, tmp: str) 
         export = (engine_export(src, precision) if backend == "trt"
                   else src.export_dir(precision, device))
         manifest = load_manifest(export)
+    # the segmenters of a row take turns on the same cores: ONNX Runtime's threads must not
+    # spin-wait between runs (see paths.BackendPath.ort_no_spin)
+    options = {"spinning": False} if backend == "ort" else {}
     try:
-        return Segmenter(backend=cls(export, manifest, device, streams=streams))
+        return Segmenter(backend=cls(export, manifest, device, streams=streams, **options))
     except BackendError as e:
         raise Skip(str(e)) from None
 
