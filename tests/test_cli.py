@@ -65,6 +65,10 @@ def test_synth_says_what_it_wrote_and_nothing_with_q(tmp_path, capsys):
     assert len(out) == 1 and out[0].startswith("tbn-synth: wrote 1 videos") and not captured.err
     assert synth.main(["--out", str(tmp_path / "b"), "-q", *small]) == 0
     assert capsys.readouterr() == ("", "")
-    assert synth.main(["--out", str(tmp_path / "b"), *small]) == 2  # not empty: refused
+    assert synth.main(["--out", str(tmp_path / "b"), *small]) == 0  # the same: nothing to do
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing to do" in err[0] and err[0].startswith("tbn-synth: ")
+    other = [*small[:-1], "24"]  # another width: a different dataset, refused
+    assert synth.main(["--out", str(tmp_path / "b"), *other]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite" in err[0] and err[0].startswith("tbn-synth: error")
