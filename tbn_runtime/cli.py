@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import List, Optional
 
-from .console import add_verbosity_flags, setup_logging
+from .console import DefaultsFormatter, add_verbosity_flags, setup_logging
 
 PROG = "tbn-run"
 log = logging.getLogger("tbn_runtime")
@@ -35,7 +35,7 @@ class Stopped(BaseException):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=PROG, formatter_class=DefaultsFormatter,
         description="Video scene parsing with an exported TBN-ViT: one label (VSPW train id) per "
                     "pixel of every frame, written to OUT/<video>/<frame>.png (or .npy, or "
                     "OUT/<video>.json).",

@@ -1,4 +1,5 @@
-"""The runtime's Python API: video scene parsing with an exported TBN-ViT, one stream at a time.
+"""The runtime's Python API: video scene parsing with an exported TBN-ViT, frame by frame, video by
+video, or several streams batched together.
 
     import cv2
     from tbn_runtime import CLASSES, Segmenter, colorize

@@ -205,7 +205,7 @@ def evaluate_predictions(pred_root, root, split: str) -> dict:
 
 def build_parser() -> cli.OneLineParser:
     p = cli.OneLineParser(prog="tbn-eval", description=__doc__.split("\n")[0],
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                          formatter_class=cli.DefaultsFormatter,
                           epilog="exit codes: 0 done, 2 a mistake in the command, checkpoint "
                                  "or data (one line names it and the fix), 130 interrupted")
     src = p.add_mutually_exclusive_group(required=True)
