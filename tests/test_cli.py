@@ -72,3 +72,15 @@ def test_synth_says_what_it_wrote_and_nothing_with_q(tmp_path, capsys):
     assert synth.main(["--out", str(tmp_path / "b"), *other]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite" in err[0] and err[0].startswith("tbn-synth: error")
+
+
+@pytest.mark.parametrize("module", ["tbn_runtime.cli", "tbn_train.evaluate"])
+def test_help_states_each_default_once_and_only_a_real_one(module):
+    import importlib
+
+    text = importlib.import_module(module).build_parser().format_help()
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat and "(default: False)" not in flat
+    assert "(default: auto)" in flat  # a real default is still shown
+    for option in re.split(r"\s(?=--?[a-z])", flat):
+        assert option.count("(default") <= 1, option
