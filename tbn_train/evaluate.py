@@ -14,7 +14,6 @@ protocol) is evaluated as the baseline's test code does: frame t waits for frame
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
