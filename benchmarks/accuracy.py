@@ -97,38 +97,22 @@ def load_video(video: Any, max_frames: Optional[int] = None) -> Tuple[List[np.nd
     return frames, labels
 
 
-def to_size(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The frame at the export size, resized as tbn-run does (bilinear)."""
-    import cv2
-    if frame.shape[:2] == (height, width):
-        return frame
-    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR)
-
-
-def back_to(labels: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
-    """Labels at the frame's own size, resized as tbn-run does (nearest)."""
-    import cv2
-    if labels.shape[:2] == tuple(shape):
-        return labels
-    return cv2.resize(labels, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-
-
 def run_backend(backend: Any, frames: Sequence[np.ndarray]) -> List[np.ndarray]:
     """Stream one video's frames through a backend; labels at the frames' size."""
+    from tbn_runtime.preprocess import resize_frame, resize_labels
     backend.reset()
-    out = []
-    for f in frames:
-        out.append(back_to(backend.infer(to_size(f, backend.height, backend.width)), f.shape[:2]))
-    return out
+    return [resize_labels(backend.infer(resize_frame(f, backend.height, backend.width)),
+                          *f.shape[:2]) for f in frames]
 
 
 def run_reference(model: Any, frames: Sequence[np.ndarray], height: int, width: int,
                   device: str) -> List[np.ndarray]:
     """The PyTorch reference (tbn_train.evaluate.predict_video) at the export size."""
+    from tbn_runtime.preprocess import resize_frame, resize_labels
     from tbn_train.evaluate import predict_video
-    resized = [to_size(f, height, width) for f in frames]
-    return [back_to(p, f.shape[:2]) for p, f in zip(predict_video(model, resized, device),
-                                                       frames)]
+    resized = [resize_frame(f, height, width) for f in frames]
+    return [resize_labels(p, *f.shape[:2]) for p, f in zip(predict_video(model, resized, device),
+                                                            frames)]
 
 
 def evaluate_backend(backend: Any, videos: Sequence[Any],

@@ -32,6 +32,8 @@ from typing import Any, Dict, Iterator, List, Sequence
 import numpy as np
 import onnx
 
+from tbn_runtime.preprocess import resize_frame
+
 #: op types whose inputs get Q/DQ.
 QUANTIZED_OPS = ("Conv", "MatMul")
 #: op types that must stay float in the INT8 graph (checked by check_float_ops and the tests).
@@ -62,13 +64,6 @@ class CalibrationFrames:
         return {"source": os.path.abspath(self.source) if os.path.exists(self.source)
                 else self.source, "frames": len(self.frames), "videos": len(self.videos),
                 "stride": CALIB_STRIDE}
-
-
-def _resized(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    import cv2
-    if frame.shape[:2] != (height, width):  # as tbn-run resizes a frame for the feature engine
-        frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR)
-    return np.ascontiguousarray(frame)
 
 
 def read_calibration(source: str, n: int, height: int, width: int,
@@ -106,11 +101,11 @@ def read_calibration(source: str, n: int, height: int, width: int,
                 for i, (_, frame) in enumerate(it):
                     if taken < quota and len(frames) < n:
                         if i % CALIB_STRIDE == 0:
-                            frames.append(_resized(frame, height, width))
+                            frames.append(resize_frame(frame, height, width))
                             taken += 1
                     elif (holdout_video is None and held_out and v is videos[-1]
                           and len(rest) < held_out):
-                        rest.append(_resized(frame, height, width))
+                        rest.append(resize_frame(frame, height, width))
                     else:
                         break
             if taken:
@@ -118,7 +113,7 @@ def read_calibration(source: str, n: int, height: int, width: int,
         if holdout_video is not None:
             with contextlib.closing(holdout_video.frames()) as it:
                 for _, (_, frame) in zip(range(held_out), it):
-                    rest.append(_resized(frame, height, width))
+                    rest.append(resize_frame(frame, height, width))
     except SourceError as e:
         raise Int8Error(f"cannot read calibration source {source}: {e}") from None
     if not frames:

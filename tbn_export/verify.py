@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from tbn_runtime.manifest import Manifest, load_manifest
+from tbn_runtime.preprocess import resize_frame
 from tbn_runtime.temporal import FeatureRing
 from tbn_train.data.synth import synthetic_frames  # noqa: F401  (--verify's default frames)
 
@@ -84,9 +85,7 @@ def video_frames(path: str, n: int, height: int, width: int) -> List[np.ndarray]
             ok, frame = cap.read()
             if not ok:
                 break
-            if frame.shape[:2] != (height, width):
-                frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR)
-            frames.append(np.ascontiguousarray(frame))
+            frames.append(resize_frame(frame, height, width))
     finally:
         cap.release()
     if not frames:

@@ -31,6 +31,7 @@ import numpy as np
 
 from .backends import Backend, select_backend
 from .manifest import MANIFEST_NAME, ManifestError, load_manifest
+from .preprocess import resize_frame, resize_labels
 
 log = logging.getLogger("tbn_runtime")
 
@@ -124,15 +125,11 @@ class Segmenter:
 
     # -- one frame at a time ---------------------------------------------------------------------
     def _to_export_size(self, frame: np.ndarray) -> np.ndarray:
-        import cv2
-
         frame = np.asarray(frame)
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             raise ValueError(f"a frame must be uint8 H x W x 3 BGR (as cv2.imread/VideoCapture "
                              f"give it), got {frame.dtype} {frame.shape}")
-        if frame.shape[:2] == (self.height, self.width):
-            return frame
-        return cv2.resize(frame, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
+        return resize_frame(frame, self.height, self.width)
 
     def segment(self, frame: np.ndarray, stream: int = 0) -> np.ndarray:
         """The labels (uint8 train ids, H x W of the frame) of the next frame of the video."""
@@ -150,8 +147,6 @@ class Segmenter:
         """The next frame of several streams (distinct) at once: one batched engine call for
         their features, one for the labels of those with want[i] (default: all); the labels of
         the others are None (features only)."""
-        import cv2
-
         want = [True] * len(frames) if want is None else list(want)
         t0 = time.perf_counter()
         xs = [self._to_export_size(f) for f in frames]
@@ -159,9 +154,8 @@ class Segmenter:
         out = self.backend.step(xs, streams, want)
         t2 = time.perf_counter()
         for i, (frame, labels) in enumerate(zip(frames, out)):
-            if labels is not None and labels.shape != frame.shape[:2]:
-                out[i] = cv2.resize(labels, (frame.shape[1], frame.shape[0]),
-                                    interpolation=cv2.INTER_NEAREST)
+            if labels is not None:
+                out[i] = resize_labels(labels, *frame.shape[:2])
         self.timings["preprocess"] += t1 - t0
         self.timings["postprocess"] += time.perf_counter() - t2
         self.frames["segmented"] += sum(want)

@@ -70,19 +70,14 @@ def reference_labels(export_dir: str, frames: Sequence[np.ndarray],
     if key and key in _REFS:
         return _REFS[key]
     from tbn_runtime.manifest import load_manifest
+    from tbn_runtime.preprocess import resize_frame, resize_labels
     from tbn_train.checkpoint import load_model
     from tbn_train.reference import ClipReference
 
     man = load_manifest(export_dir)
     ref = ClipReference(load_model(man.checkpoint["path"])[0])
-    h, w = man.height, man.width
-    out = []
-    for f in frames:
-        lab = ref.labels(f if f.shape[:2] == (h, w) else
-                         cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR))
-        if f.shape[:2] != (h, w):
-            lab = cv2.resize(lab, (f.shape[1], f.shape[0]), interpolation=cv2.INTER_NEAREST)
-        out.append(lab)
+    out = [resize_labels(ref.labels(resize_frame(f, man.height, man.width)), *f.shape[:2])
+           for f in frames]
     if key:
         _REFS[key] = out
     return out

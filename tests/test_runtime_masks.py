@@ -133,3 +133,22 @@ def test_runtime_modules_import_without_torch():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
+
+
+def test_resizing_in_and_out_of_the_export_size():
+    from tbn_runtime.preprocess import resize_frame, resize_labels
+
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    small = resize_frame(frame, 12, 20)
+    assert small.shape == (12, 20, 3) and small.dtype == np.uint8
+    assert np.array_equal(resize_frame(frame, 30, 50), frame)
+    # bilinear: a frame of two flat halves gets blended values at the seam
+    halves = np.zeros((8, 8, 3), np.uint8)
+    halves[:, 4:] = 200
+    assert len(np.unique(resize_frame(halves, 8, 12))) > 2
+    # labels are classes: nearest, never a value between two classes, and back to the size asked
+    labels = np.where(np.arange(12)[None, :] < 6, 3, 9).astype(np.uint8).repeat(12, 0)
+    big = resize_labels(labels, 30, 50)
+    assert big.shape == (30, 50) and set(np.unique(big)) == {3, 9}
+    assert resize_labels(labels, 12, 12) is labels
