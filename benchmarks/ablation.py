@@ -153,18 +153,18 @@ def plot(path: str, report: Dict[str, Any]) -> None:
     for ax, m in zip(axes, METRICS):
         means = [r["summary"][m]["mean"] or 0.0 for r in rows]
         sds = [r["summary"][m]["std"] or 0.0 for r in rows]
-        bars = ax.bar(xs, means, yerr=sds, capsize=4, color="#4c72b0")
-        for b, mean in zip(bars, means):
-            ax.annotate(f"{mean:.1f}", (b.get_x() + b.get_width() / 2, mean), ha="center",
-                        va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
-        for x, r in zip(xs, rows):
+        ax.bar(xs, means, yerr=sds, capsize=4, color="#4c72b0")
+        for x, r, mean, sd in zip(xs, rows, means, sds):
             seeds = [s[m] for s in r["runs"] if s[m] is not None]
             ax.plot([x] * len(seeds), seeds, "k.", ms=4)
+            top = max([mean + sd, *seeds])  # the value above the whisker and the dots
+            ax.annotate(f"{mean:.1f}", (x, top), ha="center", va="bottom", fontsize=8,
+                        xytext=(0, 3), textcoords="offset points")
         ax.set_xticks(xs)
         ax.set_xticklabels([ROWS[r["row"]][0] for r in rows], rotation=25, ha="right",
                            fontsize=8)
         ax.set_title(m, fontsize=10)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 108)
     cfg = report["config"]
     n = len(cfg["seeds"])
     fig.suptitle(f"Table 1 in miniature (tbn-synth '{cfg['split']}', {cfg['steps']} steps each, "
