@@ -229,6 +229,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         info = dist_utils.setup(cfg.device)
         cli.setup_logging(PROG, args.verbose, args.quiet, rank=info.rank)
         run(cfg, args.stage, args.resume, args.overwrite, info, cli.show_progress(args.quiet))
+        # every rank done before any tears the process group down: a rank whose peer has gone
+        # can abort in gloo's threads at exit ("terminate called without an active exception")
+        dist_utils.barrier(info)
         return 0
     except SystemExit as e:  # --help
         return int(e.code or 0)
