@@ -201,9 +201,9 @@ def _engine_only(args) -> int:
         manifest = build_engines(args.out, args.workspace_gb, args.trt_log_level, manifest)
     except EngineBuildError as e:
         raise UsageError(f"{e}; the ONNX export in {args.out} is unchanged") from None
-    print(f"built TensorRT {manifest.tensorrt['version']} engines in {args.out} for "
-          f"{manifest.tensorrt['gpu']} (sm {manifest.tensorrt['compute_capability']}) in "
-          f"{time.perf_counter() - t0:.1f} s")
+    log.info(f"built TensorRT {manifest.tensorrt['version']} engines in {args.out} for "
+             f"{manifest.tensorrt['gpu']} (sm {manifest.tensorrt['compute_capability']}) in "
+             f"{time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -274,7 +274,7 @@ def _export(args) -> int:
                                     "size": [height, width], "logits": args.logits}
     action, note = _check_out_dir(out, model.model_name, precision, args.overwrite, same)
     if action == "up to date":
-        print(note)
+        log.info(note)
         return 0
 
     parent = os.path.dirname(out)
@@ -291,14 +291,14 @@ def _export(args) -> int:
             from .int8 import quantize_export
 
             manifest = quantize_export(tmp, calib, args.calib_method)
-            print(f"quantized {FEATURE_ONNX} to INT8 (Q/DQ) on {len(calib.frames)} frames of "
-                  f"{len(calib.videos)} video(s) from {args.calib}")
+            log.info(f"quantized {FEATURE_ONNX} to INT8 (Q/DQ) on {len(calib.frames)} frames "
+                     f"of {len(calib.videos)} video(s) from {args.calib}")
         t_export = time.perf_counter() - t0
-        print(f"exported {manifest.model} ({manifest.precision}) at {height}x{width} (size from "
-              f"{source}) in {t_export:.1f} s: {FEATURE_ONNX} "
-              f"{_size_mb(os.path.join(tmp, FEATURE_ONNX))}, {TEMPORAL_ONNX} "
-              f"{_size_mb(os.path.join(tmp, TEMPORAL_ONNX))}; feature "
-              f"{'x'.join(map(str, manifest.feature_shape))} {manifest.feature_dtype}")
+        log.info(f"exported {manifest.model} ({manifest.precision}) at {height}x{width} (size "
+                 f"from {source}) in {t_export:.1f} s: {FEATURE_ONNX} "
+                 f"{_size_mb(os.path.join(tmp, FEATURE_ONNX))}, {TEMPORAL_ONNX} "
+                 f"{_size_mb(os.path.join(tmp, TEMPORAL_ONNX))}; feature "
+                 f"{'x'.join(map(str, manifest.feature_shape))} {manifest.feature_dtype}")
 
         if args.verify:
             from .verify import synthetic_frames, verify_export, video_frames
@@ -316,8 +316,7 @@ def _export(args) -> int:
             print(f"verify: ONNX Runtime (CPU) vs PyTorch on {what}")
             print(result.table())
             if not result.ok:
-                print(f"tbn-export: verification failed; nothing written to {out}",
-                      file=sys.stderr)
+                log.error(f"verification failed; nothing written to {out}")
                 return 1
 
         ok, why = tensorrt_available()
@@ -326,7 +325,7 @@ def _export(args) -> int:
             t0 = time.perf_counter()
             try:
                 build_engines(tmp, args.workspace_gb, args.trt_log_level)
-                print(f"built TensorRT engines in {time.perf_counter() - t0:.1f} s")
+                log.info(f"built TensorRT engines in {time.perf_counter() - t0:.1f} s")
             except EngineBuildError as e:
                 engine_error = str(e)
         _install(tmp, out)
@@ -334,13 +333,13 @@ def _export(args) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     if note:
-        print(note)
-    print(f"wrote {out}")
+        log.info(note)
+    log.info(f"wrote {out}")
     if engine_error is not None:
         raise UsageError(f"{engine_error}; the ONNX export in {out} is complete "
                          f"(retry with tbn-export --engine-only --out {out})")
     if not ok:
-        print(f"TensorRT not available here ({why}); " + ENGINE_HINT.format(out=out))
+        log.info(f"TensorRT not available here ({why}); " + ENGINE_HINT.format(out=out))
     return 0
 
 

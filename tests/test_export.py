@@ -198,7 +198,7 @@ def test_image_model_exports_current_only(bisenet, bisenet_dir):
 def test_cli_export_then_reexport(checkpoint, tiny, tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["--checkpoint", checkpoint, "--out", str(out)]) == 0
-    text = capsys.readouterr().out
+    text = capsys.readouterr().err
     assert f"{H}x{W}" in text and "crop_size" in text  # the size used, and where it came from
     m = load_manifest(str(out))
     assert (m.height, m.width) == (H, W)
@@ -213,7 +213,10 @@ def test_cli_export_then_reexport(checkpoint, tiny, tmp_path, capsys):
 
     # the same checkpoint again: up to date, nothing rewritten
     assert main(["--checkpoint", checkpoint, "--out", str(out)]) == 0
-    assert "nothing to do" in capsys.readouterr().out
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("tbn-export: ") and "nothing to do" in said[0]
+    assert main(["--checkpoint", checkpoint, "--out", str(out), "-q"]) == 0
+    assert capsys.readouterr() == ("", "")  # -q: warnings and errors only
     assert os.path.getmtime(out / "manifest.json") == stamp
 
     # a newer checkpoint of the same model: exported again, in place of the old one
@@ -224,7 +227,7 @@ def test_cli_export_then_reexport(checkpoint, tiny, tmp_path, capsys):
         changed.classifier[-1].bias.add_(1.0)
     save_checkpoint(str(newer), changed, config={"model": "tbn_tiny", "crop_size": [H, W]})
     assert main(["--checkpoint", str(newer), "--out", str(out)]) == 0
-    assert "replacing the fp32 export" in capsys.readouterr().out
+    assert "replacing the fp32 export" in capsys.readouterr().err
     m = load_manifest(str(out))
     assert m.checkpoint["sha256"] == sha256_file(str(newer))
     assert sha256_file(str(out / "temporal.onnx")) == m.files["temporal.onnx"]["sha256"]
