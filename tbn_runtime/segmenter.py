@@ -96,8 +96,7 @@ class Segmenter:
             export = export or default_export()
             manifest = load_manifest(export)
             cls, device, self.why = select_backend(backend, manifest, device, export)
-            options = {"threads": threads} if threads and cls.name != "trt" else {}
-            self.backend = cls(export, manifest, device, streams, **options)
+            self.backend = cls(export, manifest, device, streams, threads=threads)
         self.manifest = self.backend.manifest
         self.export = self.backend.export_dir
         #: class names by train id, and their colours (BGR) for colorize()

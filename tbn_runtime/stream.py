@@ -19,6 +19,7 @@ import resource
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -114,8 +115,7 @@ def plan_videos(videos: List[Video], out: MaskOutput, resume: bool
                 ) -> Tuple[List[Video], List[str]]:
     """(the videos to stream, the names of those skipped as complete): coco-rle, which writes
     a video's JSON when it ends, refuses live streams and --resume skips finished videos."""
-    names = [v.name for v in videos]
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = sorted(n for n, k in Counter(v.name for v in videos).items() if k > 1)
     if twice:
         raise StreamError(f"two videos are named {twice[0]}: their labels would go to one "
                           f"folder; rename one of the sources")

@@ -39,7 +39,8 @@ class HostClock:
 class Backend:
     """Base class of the backends. Subclasses set `name` and implement the `_` methods.
 
-    Usage: ``b = Cls(export_dir, manifest, device, streams=1)``; per video ``b.reset(stream)``;
+    Usage: ``b = Cls(export_dir, manifest, device, streams=1, threads=None)`` (threads: the CPU
+    threads of engines that run on the CPU; None, one per core); per video ``b.reset(stream)``;
     per frame ``labels = b.infer(frame, stream)`` with frame uint8 H x W x 3 BGR at the export
     size (manifest.height x manifest.width), labels uint8 H x W train ids; ``b.close()`` at the
     end. `push(frame, stream)` runs only the feature engine (to rebuild the ring for frames
@@ -137,7 +138,10 @@ class Backend:
         out: List[Optional[np.ndarray]] = [None] * len(frames)
         for lo in range(0, len(frames), self.batch_limit):
             idx = range(lo, min(lo + self.batch_limit, len(frames)))
-            batch = np.ascontiguousarray(np.stack([self._check_frame(frames[i]) for i in idx]))
+            checked = [self._check_frame(frames[i]) for i in idx]
+            # one frame: a view of it (the engine copies its input in anyway); several: one stack
+            batch = (np.ascontiguousarray(checked[0])[None] if len(checked) == 1
+                     else np.stack(checked))
             slots = [self.rings[streams[i]].write_target() for i in idx]
             want = [j for j, i in enumerate(idx) if classify[i]]
             past = [self.rings[streams[idx[j]]].past() if self.offsets else [] for j in want]

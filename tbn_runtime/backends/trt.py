@@ -11,7 +11,7 @@ tensorrt and cuda-python are imported only when this backend is used.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
@@ -65,7 +65,8 @@ class TrtBackend(Backend):
         return True, f"TensorRT {trt.__version__}"
 
     def __init__(self, export_dir: str, manifest: Manifest, device: str = "cuda",
-                 streams: int = 1) -> None:
+                 streams: int = 1, threads: Optional[int] = None) -> None:
+        del threads  # the engines run on the GPU: there is no CPU pool to size
         super().__init__(export_dir, manifest, device, streams)
         ok, reason = self.available(device)
         if not ok:
