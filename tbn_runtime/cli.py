@@ -115,25 +115,16 @@ def _check_writable(path: str, flag: str) -> None:
         raise OSError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
 
 
-def _corpus(args: argparse.Namespace, videos: list) -> int:
-    """--ray: the videos across a Ray cluster (tbn_runtime.cluster), then the same report as one
-    stream's; exit 1 if some videos could not be done."""
-    import json
-
+def _corpus(args: argparse.Namespace, videos: list) -> dict:
+    """--ray: the videos across a Ray cluster (tbn_runtime.cluster); the stats of one stream's
+    report, per video."""
     from .cluster import run_corpus
-    from .files import atomic_write_text
-    from .stream import summary_line
 
-    stats = run_corpus(videos, args.out, export=args.model, backend=args.backend,
-                       device=args.device, fmt=args.format, address=args.ray or None,
-                       chunk_frames=args.chunk_frames, workers=args.workers or None,
-                       cpus_per_worker=args.cpus_per_worker or None, resume=args.resume,
-                       progress=not (args.no_progress or args.quiet), verbose=args.verbose)
-    stats["sources"] = args.sources
-    if args.stats:
-        atomic_write_text(args.stats, json.dumps(stats, indent=2) + "\n")
-    print(f"{PROG}: {summary_line(stats, args.out)}")
-    return 1 if stats["failed_videos"] else 0  # each said as it failed; --resume retries
+    return run_corpus(videos, args.out, export=args.model, backend=args.backend,
+                      device=args.device, fmt=args.format, address=args.ray or None,
+                      chunk_frames=args.chunk_frames, workers=args.workers or None,
+                      cpus_per_worker=args.cpus_per_worker or None, resume=args.resume,
+                      progress=not (args.no_progress or args.quiet), verbose=args.verbose)
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001
@@ -154,6 +145,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.ray is not None and (args.overlay or args.max_frames):
         return _fail(f"{'--overlay' if args.overlay else '--max-frames'} is for one stream; "
                      f"not with --ray")
+    if args.overlay and args.streams > 1:
+        return _fail("--overlay draws one video: run with --streams 1")
     if args.ray is not None and args.streams > 1:
         return _fail("--streams batches videos inside one process; with --ray each worker "
                      "streams one video (or chunk) at a time: ask for more --workers instead")
@@ -198,26 +191,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             _check_writable(args.stats, "--stats")
         videos = [v for source in args.sources for v in open_source(source)]
         if args.ray is not None:
-            return _corpus(args, videos)
-        seg = Segmenter(args.model, backend=args.backend, device=args.device,
-                        streams=args.streams)
-        log.info("model %s; backend %s", seg.export, seg.why)
-        overlay = None
-        if args.overlay:
-            if args.streams > 1:
-                raise StreamError("--overlay draws one video: run with --streams 1")
-            sweep_stale(os.path.dirname(os.path.abspath(args.overlay)))
-            overlay = OverlayVideo(args.overlay, seg.classes, seg.palette_bgr[:, ::-1])
-            overlay.check()
-        stats = run_stream(seg, videos, args.out, fmt=args.format, overlay=overlay,
-                           resume=args.resume, max_frames=args.max_frames,
-                           progress=not (args.no_progress or args.quiet))
+            stats = _corpus(args, videos)
+        else:
+            seg = Segmenter(args.model, backend=args.backend, device=args.device,
+                            streams=args.streams)
+            log.info("model %s; backend %s", seg.export, seg.why)
+            overlay = None
+            if args.overlay:
+                sweep_stale(os.path.dirname(os.path.abspath(args.overlay)))
+                overlay = OverlayVideo(args.overlay, seg.classes, seg.palette_bgr[:, ::-1])
+                overlay.check()
+            stats = run_stream(seg, videos, args.out, fmt=args.format, overlay=overlay,
+                               resume=args.resume, max_frames=args.max_frames,
+                               progress=not (args.no_progress or args.quiet))
         stats["sources"] = args.sources
         if args.stats:
             import json
             atomic_write_text(args.stats, json.dumps(stats, indent=2) + "\n")
         print(f"{PROG}: {summary_line(stats, args.out)}")
-        return 1 if stats.get("failed_videos") else 0
+        return 1 if stats.get("failed_videos") else 0  # each said as it failed; --resume retries
     except (SourceError, ManifestError, BackendError, StreamError, OverlayError,
             LockError, ClusterError) as e:
         return _fail(str(e))
