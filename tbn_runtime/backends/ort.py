@@ -167,6 +167,7 @@ class OrtBackend(Backend):
         if (what, n) not in self._staging:
             self._staging[(what, n)] = self._value(n)
         return self._staging[(what, n)]
+
     def _check_names(self) -> None:
         m = self.manifest
         fin = [i.name for i in self.feature_sess.get_inputs()]
