@@ -1,5 +1,6 @@
 """File helpers every package uses (standard library only): atomic writes, temporary names and
-their clean-up after a crash, content hashes, and the lock that keeps two runs out of one folder.
+their clean-up after a crash, content hashes, the lock that keeps two runs out of one folder,
+and `inside`, the one check that a name taken from user data stays inside its folder.
 
 Every output of tbn-vit is written whole or not at all: to a hidden temporary name beside the
 target (`.<name>.tmp-<pid>`), flushed to disk, then renamed over the target. A process killed
@@ -21,6 +22,43 @@ from typing import Callable, List, Optional
 
 #: hidden temporaries and move-aside backups: .<name>.tmp-<pid>[<ext>] and .<name>.old-<pid>
 _TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:\.[A-Za-z0-9]+)?$")
+
+
+class UnsafePathError(ValueError):
+    """A name from user data (a split list's line, a video or frame name) that leads outside the
+    folder it must stay in; the message names the entry and why."""
+
+
+def inside(root: str, name: str, what: str) -> str:
+    """`root/name`, checked: the one place where a name taken from user data (a split list's
+    line, a folder entry, a video name used as an output folder) becomes a path.
+
+    Refused with UnsafePathError (the message starts with `what`, e.g. "val.txt line 2"): an
+    empty name, a NUL byte, an absolute path, a '..' component, or a path that resolves outside
+    `root` once symlinks are followed (a symlinked entry pointing elsewhere). `root` itself may
+    be a symlink: containment is checked between the resolved paths. Returns the joined path as
+    the user would write it (not the resolved one), so messages stay readable.
+    """
+    name = os.fspath(name)
+
+    def refuse(why: str) -> UnsafePathError:
+        return UnsafePathError(f"{what}: {name!r} {why}")
+
+    if not name or not name.strip():
+        raise refuse("is empty")
+    if "\x00" in name:
+        raise refuse("holds a NUL byte")
+    if os.path.isabs(name):
+        raise refuse(f"is an absolute path; it must name an entry inside {root}")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise refuse(f"climbs out with '..'; it must name an entry inside {root}")
+    path = os.path.join(root, name)
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise refuse(f"leads outside {root} (a symbolic link to {real}); copy it inside, or "
+                     f"pass it as a source of its own")
+    return path
 
 
 def temporary_name(path: str, suffix: str = "") -> str:

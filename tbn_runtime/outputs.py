@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import rle
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, inside
 from .masks import read_label_png, write_mask_png
 
 FORMATS = ("png", "npy", "coco-rle")
@@ -60,10 +60,13 @@ class MaskOutput:
 
     # -- paths and completeness (for --resume) ---------------------------------------------------
     def path(self, video: str, frame: Optional[str] = None) -> str:
-        """The file of a frame (png, npy) or of a whole video (coco-rle)."""
+        """The file of a frame (png, npy) or of a whole video (coco-rle). Video and frame names
+        come from user data (a split list, file names): one that would lead outside out_dir
+        raises UnsafePathError (files.inside)."""
         if self.format == "coco-rle":
-            return os.path.join(self.out_dir, video + ".json")
-        return os.path.join(self.out_dir, video, frame + _EXT[self.format])
+            return inside(self.out_dir, video + ".json", "video name")
+        return inside(self.out_dir, os.path.join(video, frame + _EXT[self.format]),
+                      "video/frame name")
 
     def video_complete(self, video: str) -> bool:
         """coco-rle: the video's JSON exists whole and says it is complete."""
@@ -98,11 +101,12 @@ class MaskOutput:
     # -- writing ---------------------------------------------------------------------------------
     def begin_video(self, video: str) -> None:
         if self.format == "coco-rle":
+            self.path(video)  # refuses a name that would lead outside out_dir
             os.makedirs(self.out_dir, exist_ok=True)
             with self._lock:
                 self._coco[video] = {}
         else:
-            os.makedirs(os.path.join(self.out_dir, video), exist_ok=True)
+            os.makedirs(inside(self.out_dir, video, "video name"), exist_ok=True)
 
     def write(self, video: str, frame: str, index: int, labels: np.ndarray) -> None:
         """Write (png, npy) or collect (coco-rle) one frame's labels; runs in writer threads."""

@@ -27,6 +27,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import cv2
 import numpy as np
 
+from .files import UnsafePathError, inside
+
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -112,9 +114,18 @@ def _image_frames(files: List[str]) -> Iterator[Tuple[str, np.ndarray]]:
         yield os.path.splitext(os.path.basename(path))[0], frame
 
 
+def _entry(folder: str, name: str) -> str:
+    """folder/name for an entry of a folder the user gave, refused (SourceError) where a
+    symbolic link leads outside the folder (files.inside)."""
+    try:
+        return inside(folder, name, f"{folder}: entry")
+    except UnsafePathError as e:
+        raise SourceError(str(e)) from None
+
+
 def _image_files(folder: str) -> List[str]:
     """The images of a folder in natural order (frame_2 before frame_10)."""
-    return sorted((os.path.join(folder, f) for f in os.listdir(folder)
+    return sorted((_entry(folder, f) for f in os.listdir(folder)
                    if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")),
                   key=lambda p: _natural_key(os.path.basename(p)))
 
@@ -136,12 +147,12 @@ def _folder(path: str) -> List[Video]:
     entries = sorted(os.listdir(root), key=_natural_key)
     vspw = [e for e in entries if os.path.isdir(os.path.join(root, e, "origin"))]
     if vspw:                                                   # VSPW root or its data/ folder
-        videos = [_image_folder(os.path.join(root, e, "origin"), e) for e in vspw]
+        videos = [_image_folder(os.path.join(_entry(root, e), "origin"), e) for e in vspw]
         return [v for v in videos if v is not None]
     files = [e for e in entries if not e.startswith(".")]
     vids = [e for e in files if e.lower().endswith(VIDEO_EXTS)]
     if vids:                                                   # a folder of video files
-        return [_lazy_video(os.path.join(path, e)) for e in vids]
+        return [_lazy_video(_entry(path, e)) for e in vids]
     v = _image_folder(path, base)                              # a folder of images
     return [v] if v else []
 
@@ -166,13 +177,20 @@ def _split_list(path: str) -> List[Video]:
     """The videos a VSPW split file (ROOT/val.txt: one video folder name per line) lists."""
     root = os.path.dirname(os.path.abspath(path))
     try:
-        with open(path) as f:
-            names = [line.strip() for line in f if line.strip()]
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f]
     except (OSError, UnicodeDecodeError) as e:
         raise SourceError(f"{path}: cannot read the split list ({e})") from e
     videos = []
-    for name in names:
-        folder = os.path.join(root, "data", name, "origin")
+    for line, name in enumerate(names, 1):
+        if not name:
+            continue
+        try:  # a downloaded split list must not reach outside ROOT/data (../../x, /abs)
+            folder = os.path.join(inside(os.path.join(root, "data"), name,
+                                         f"{path} line {line}"), "origin")
+        except UnsafePathError as e:
+            raise SourceError(f"{e} (a split list names video folders of ROOT/data/, one "
+                              f"per line): fix or remove the line") from None
         v = _image_folder(folder, name) if os.path.isdir(folder) else None
         if v is None:
             raise SourceError(f"{path} lists '{name}' but {folder} holds no frames; a split "

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tbn_runtime.classes import IGNORE_INDEX, NUM_CLASSES, raw_to_train_ids
+from tbn_runtime.files import UnsafePathError, inside
 from tbn_runtime.masks import read_label_png
 from tbn_runtime.temporal import DEFAULT_OFFSETS, clip_indices
 
@@ -70,10 +71,20 @@ def index_split(root: PathLike, split: str, with_masks: bool = True) -> List[Vid
     if not split_file.is_file():
         raise DatasetError(f"{split_file} is missing; a VSPW root lists the video folders of "
                            f"split '{split}' in it, one per line")
-    names = [line.strip() for line in split_file.read_text().splitlines()]
+    try:
+        names = [line.strip() for line in split_file.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{split_file} is not UTF-8 text ({e.reason} at byte {e.start}); a "
+                           f"split list names one video folder per line") from None
     videos = []
-    for name in (n for n in names if n):
-        origin = root / "data" / name / "origin"
+    for line, name in enumerate(names, 1):
+        if not name:
+            continue
+        try:  # a downloaded split list must not reach outside ROOT/data (../../x, /abs)
+            origin = Path(inside(str(root / "data"), name, f"{split_file} line {line}")) / "origin"
+        except UnsafePathError as e:
+            raise DatasetError(f"{e} (a split list names video folders of ROOT/data/, one "
+                               f"per line): fix or remove the line") from None
         frames = sorted(origin.glob("*.jpg")) if origin.is_dir() else []
         if not frames:
             raise DatasetError(f"{origin} has no frames (*.jpg) for video '{name}' listed in "
