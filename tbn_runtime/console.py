@@ -83,14 +83,14 @@ def show_progress(quiet: bool) -> bool:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0,
-                 leave: bool = True) -> Iterator[Optional[object]]:
+def progress_bar(total: Optional[int], desc: str, enabled: bool, initial: int = 0,
+                 leave: bool = True, unit: str = "it") -> Iterator[Optional[object]]:
     """A tqdm bar on stderr (a disabled one when not `enabled`), with the package's log
     messages printed above it instead of through it."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=leave,
-              dynamic_ncols=True, file=sys.stderr) as bar:
+              unit=unit, dynamic_ncols=True, smoothing=0.1, file=sys.stderr) as bar:
         with logging_redirect_tqdm([logging.getLogger(name) for name in LOGGERS]):
             yield bar

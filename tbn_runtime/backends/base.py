@@ -13,12 +13,11 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from ..errors import BackendError
 from ..manifest import Manifest
 from ..temporal import FeatureRing
 
-
-class BackendError(RuntimeError):
-    """A backend that cannot run here (not installed, wrong GPU, bad engine); one-line message."""
+__all__ = ["Backend", "BackendError", "HostClock", "numpy_dtype"]
 
 
 class HostClock:

@@ -218,7 +218,7 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
     def fail(video: str, error: str) -> None:
         if video not in failed:
             failed[video] = error
-            log.warning("%s", error)
+            log.error("%s", error)
 
     plan: Dict[str, List[Chunk]] = {}
     finished: List[str] = []                      # coco-rle videos complete before this run
