@@ -121,7 +121,7 @@ def _convert(model: onnx.ModelProto, node_block_list: Iterable[str] = ()) -> onn
     try:
         from onnxconverter_common import float16
     except ImportError as e:
-        from .onnx_export import ExportError
+        from .errors import ExportError
         raise ExportError(f"--fp16 needs onnxconverter-common ({e}): pip install "
                           f"'tbn-vit[export]'") from e
 

@@ -34,6 +34,8 @@ import onnx
 
 from tbn_runtime.preprocess import resize_frame
 
+from .errors import Int8Error
+
 #: op types whose inputs get Q/DQ.
 QUANTIZED_OPS = ("Conv", "MatMul")
 #: op types that must stay float in the INT8 graph (checked by check_float_ops and the tests).
@@ -43,10 +45,6 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 #: frames between two calibration frames of a video: neighbours add little information.
 CALIB_STRIDE = 5
 DEFAULT_CALIB_FRAMES = 64
-
-
-class Int8Error(ValueError):
-    """Calibration frames that cannot be read, or a graph that cannot be quantized."""
 
 
 # -- calibration frames ------------------------------------------------------------------------
@@ -303,7 +301,7 @@ def quantize_export(export_dir: str, calib: CalibrationFrames, method: str = "mi
     precision int8, the quantizer, its settings and the calibration. Returns the manifest."""
     from tbn_runtime.manifest import load_manifest
 
-    from .onnx_export import FEATURE_ONNX, _save_onnx, check_graph
+    from .onnx_export import FEATURE_ONNX, save_onnx, check_graph
 
     manifest = load_manifest(export_dir)
     if manifest.precision != "fp32":
@@ -320,7 +318,7 @@ def quantize_export(export_dir: str, calib: CalibrationFrames, method: str = "mi
     if summary["float_ops_in_int8"]:
         raise Int8Error(f"the quantizer put {summary['float_ops_in_int8']} in INT8, which "
                         f"must stay float")
-    _save_onnx(quantized, path)
+    save_onnx(quantized, path)
     manifest.precision = "int8"
     manifest.quantization = {**settings(method), "calibration": calib.record(),
                              "qdq": {k: summary[k] for k in ("QuantizeLinear",

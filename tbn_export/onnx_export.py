@@ -36,6 +36,8 @@ from tbn_runtime.files import atomic_write, sha256_file
 from tbn_runtime.manifest import BATCH_AXIS, Manifest
 from tbn_runtime.preprocess import MEAN_RGB, STD_RGB
 
+from .errors import ExportError
+
 log = logging.getLogger("tbn_export")
 
 #: opset 17 is the first with LayerNormalization as one op (kept fp32 by the fp16 pass, fused by
@@ -46,10 +48,6 @@ FEATURE_ONNX = "feature.onnx"
 TEMPORAL_ONNX = "temporal.onnx"
 #: ops a deployable graph must not contain (training-only, or not eval-folded).
 TRAINING_OPS = ("Dropout", "BatchNormalization")
-
-
-class ExportError(ValueError):
-    """An export that cannot be made as asked; the message says why and what to change."""
 
 
 # -- the two deployable halves ---------------------------------------------------------------
@@ -237,7 +235,8 @@ def check_graph(model: onnx.ModelProto, name: str) -> None:
                           f"mode")
 
 
-def _save_onnx(model: onnx.ModelProto, path: str) -> None:
+def save_onnx(model: onnx.ModelProto, path: str) -> None:
+    """Write an ONNX graph atomically (the int8 pass saves its graph with it too)."""
     atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
 
 
@@ -315,8 +314,8 @@ def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: b
 
     check_graph(feat_onnx, FEATURE_ONNX)
     check_graph(temp_onnx, TEMPORAL_ONNX)
-    _save_onnx(feat_onnx, os.path.join(out_dir, FEATURE_ONNX))
-    _save_onnx(temp_onnx, os.path.join(out_dir, TEMPORAL_ONNX))
+    save_onnx(feat_onnx, os.path.join(out_dir, FEATURE_ONNX))
+    save_onnx(temp_onnx, os.path.join(out_dir, TEMPORAL_ONNX))
 
     names, palette = class_vocabulary(int(model.num_classes))
     checkpoint = {"path": None, "sha256": None}

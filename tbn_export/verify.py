@@ -25,6 +25,8 @@ from tbn_runtime.preprocess import resize_frame
 from tbn_runtime.temporal import FeatureRing
 from tbn_train.data.synth import synthetic_frames  # noqa: F401  (--verify's default frames)
 
+from .errors import VerifyError
+
 #: minimum share of pixels whose labels must agree with PyTorch, per export precision.
 LABEL_AGREEMENT = {"fp32": 0.999, "fp16": 0.995, "int8": 0.99}
 #: largest tolerated feature error relative to the largest reference feature value: a generous
@@ -32,10 +34,6 @@ LABEL_AGREEMENT = {"fp32": 0.999, "fp16": 0.995, "int8": 0.99}
 #: tbn_swin_t int8 0.12, random tbn_tiny on degraded synthetic frames 0.3); the labels are the
 #: real test.
 FEATURE_REL_TOL = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.5}
-
-
-class VerifyError(ValueError):
-    """Frames that cannot be read or an export that cannot be run; one line for the user."""
 
 
 @dataclass

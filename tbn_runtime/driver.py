@@ -21,7 +21,7 @@ import logging
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
@@ -59,6 +59,16 @@ class DriveResult:
     max_decode_queue: int = 0        # the most decoded frames that waited for the engines
     max_pending_writes: int = 0
     wall_s: float = 0.0
+
+
+def check_names(videos: Sequence[Video], out_dir: str) -> None:
+    """Two videos of one name would write one folder: SourceError naming both, before any
+    work (one process, --streams and --ray alike)."""
+    twice = sorted(n for n, k in Counter(v.name for v in videos).items() if k > 1)
+    if twice:
+        a, b = [v.origin for v in videos if v.name == twice[0]][:2]
+        raise SourceError(f"{a} and {b}: two videos are named {twice[0]} and would both write "
+                          f"{twice[0]}/ in {out_dir}; rename one of the sources")
 
 
 #: on_frame(job, index within the video, frame, labels or None when features only)

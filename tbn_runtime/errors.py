@@ -16,6 +16,10 @@ class TbnError(Exception):
     exit_code = EXIT_USAGE
 
 
+class UsageError(TbnError, ValueError):
+    """A flag or argument that cannot be used (argparse's mistakes, flags that conflict)."""
+
+
 class BackendError(TbnError, RuntimeError):
     """A backend that cannot run here (not installed, wrong GPU, bad engine); one-line message."""
 

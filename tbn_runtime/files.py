@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Callable, List, Optional
 
+from .errors import TbnError
+
 #: hidden temporaries and move-aside backups: .<name>.tmp-<pid>[<ext>] and .<name>.old-<pid>
 _TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:\.[A-Za-z0-9]+)?$")
 
@@ -120,7 +122,7 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-class LockError(RuntimeError):
+class LockError(TbnError, RuntimeError):
     """The folder is in use by another run; the message names the holder."""
 
 

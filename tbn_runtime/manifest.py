@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
+from .errors import TbnError
 from .files import atomic_write_text, sha256_file
 
 FORMAT = "tbn-vit-export"
@@ -27,7 +28,7 @@ BATCH_AXIS = "batch"
 MAX_OFFSET = 64
 
 
-class ManifestError(ValueError):
+class ManifestError(TbnError, ValueError):
     """An export directory the runtime cannot use; the message names the file and the fix."""
 
 

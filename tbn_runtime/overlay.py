@@ -9,13 +9,14 @@ from typing import List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from .errors import TbnError
 from .files import temporary_name
 from .masks import overlay as blend
 
 EXTENSIONS = {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "mp4v", ".mov": "mp4v"}
 
 
-class OverlayError(RuntimeError):
+class OverlayError(TbnError, RuntimeError):
     """An overlay that cannot be written; one line naming the cause."""
 
 

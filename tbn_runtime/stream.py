@@ -15,11 +15,9 @@ complete. A video that cannot be read is reported and the others go on (the stat
 
 from __future__ import annotations
 
-import os
-from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .driver import Job, drive
+from .driver import Job, check_names, drive
 from .errors import TbnError
 from .outputs import MaskOutput
 from .overlay import OverlayVideo
@@ -30,16 +28,6 @@ from .sources import SourceError, Video, videos_of
 
 class StreamError(TbnError):
     """A run that cannot be done as asked (outputs, names, formats); one-line message."""
-
-
-def check_names(videos: Sequence[Video], out_dir: str) -> None:
-    """Two videos of one name would write one folder: refuse them, naming both."""
-    twice = sorted(n for n, k in Counter(v.name for v in videos).items() if k > 1)
-    if twice:
-        both = [v.origin for v in videos if v.name == twice[0]][:2]
-        raise StreamError(f"{both[0]} and {both[1]}: two videos are named {twice[0]}: their "
-                          f"labels would go to one folder ({os.path.join(out_dir, twice[0])}); "
-                          f"rename one of the sources")
 
 
 def plan_videos(videos: List[Video], out: MaskOutput, resume: bool

@@ -28,7 +28,8 @@ from PIL import Image
 
 from tbn_runtime.classes import PALETTE, VSPW_CLASSES
 
-from tbn_runtime.console import OneLineParser, add_verbosity_flags, setup_logging
+from tbn_runtime.console import (OneLineParser, add_verbosity_flags, run_command,
+                                  setup_logging)
 
 log = logging.getLogger("tbn_train.data.synth")  # not __main__ under python -m
 
@@ -390,21 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry of tbn-synth; returns the exit code."""
-    setup_logging("tbn-synth")
-    try:
-        a = build_parser().parse_args(argv)
-        setup_logging("tbn-synth", a.verbose, a.quiet)
-        log.debug(f"writing {a.videos_train + a.videos_val + a.videos_test} videos of "
-                  f"{a.frames} frames, {a.height}x{a.width}, to {a.out}")
-        summary = generate(a.out, seed=a.seed, height=a.height, width=a.width,
-                           videos_train=a.videos_train, videos_val=a.videos_val,
-                           videos_test=a.videos_test, frames=a.frames, classes=a.classes,
-                           overwrite=a.overwrite)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except (FileExistsError, ValueError, OSError) as e:
-        log.error(str(e))
-        return 2
+    return run_command("tbn-synth", lambda: _main(argv),
+                       user_errors=(FileExistsError, ValueError))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    a = build_parser().parse_args(argv)
+    setup_logging("tbn-synth", a.verbose, a.quiet)
+    log.debug(f"writing {a.videos_train + a.videos_val + a.videos_test} videos of "
+              f"{a.frames} frames, {a.height}x{a.width}, to {a.out}")
+    summary = generate(a.out, seed=a.seed, height=a.height, width=a.width,
+                       videos_train=a.videos_train, videos_val=a.videos_val,
+                       videos_test=a.videos_test, frames=a.frames, classes=a.classes,
+                       overwrite=a.overwrite)
     if summary.existing:
         log.info(f"{summary.root} already holds this dataset (the same options); nothing to "
                  f"do (--overwrite writes it again)")
