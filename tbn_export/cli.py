@@ -25,13 +25,12 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from tbn_runtime.console import OneLineParser, add_verbosity_flags, run_command, setup_logging
+from tbn_runtime.console import (DEFAULT_RUN, OneLineParser, add_verbosity_flags, run_command,
+                                 setup_logging)
 
 from .errors import UsageError
 
 DEFAULT_CHECKPOINT = "runs/tbn/best.safetensors"
-DEFAULT_RUN = os.path.join("runs", "tbn")   # tbn_runtime.segmenter.DEFAULT_RUN (not imported
-                                            # before --help: it loads numpy)
 #: VSPW's 480p frames (480 x 853) with the width rounded up to a multiple of 32.
 DEFAULT_SIZE = (480, 864)
 ENGINE_HINT = ("to build TensorRT engines later, on the target machine: pip install "

@@ -74,12 +74,12 @@ def read_calibration(source: str, n: int, height: int, width: int,
     video's first frames when the source has several videos (that video is then not used for
     calibration), else the frames after the last calibration frame of the only video.
     """
-    from tbn_runtime.sources import SourceError
+    from tbn_runtime.sources import SourceError, open_source
 
     if n < 1:
         raise Int8Error(f"--calib-frames must be >= 1, got {n}")
     try:
-        videos = _source_videos(source)
+        videos = open_source(source)   # a split list (ROOT/train.txt): that split's videos
     except SourceError as e:
         raise Int8Error(f"cannot read calibration source {source}: {e}") from None
     videos = [v for v in videos if v.kind in ("file", "frames")]
@@ -119,23 +119,6 @@ def read_calibration(source: str, n: int, height: int, width: int,
     where = (f"{holdout_video.name} (not used for calibration)" if holdout_video is not None
              else f"{videos[-1].name} after its calibration frames")
     return CalibrationFrames(frames, source, names, rest, where)
-
-
-def _source_videos(source: str) -> list:
-    """open_source's videos; a VSPW split list (ROOT/train.txt) gives that split's videos."""
-    from tbn_runtime.sources import SourceError, open_source
-
-    if source.endswith(".txt") and os.path.isfile(source):
-        with open(source) as f:
-            names = [line.strip() for line in f if line.strip()]
-        root = os.path.dirname(os.path.abspath(source))
-        videos = {v.name: v for v in open_source(root)}
-        listed = [videos[name] for name in names if name in videos]
-        if not listed:
-            raise SourceError(f"none of the {len(names)} videos it lists is in {root}/data "
-                              f"(a VSPW split list belongs in the VSPW root)")
-        return listed
-    return open_source(source)
 
 
 # -- quantization --------------------------------------------------------------------------------

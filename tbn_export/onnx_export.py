@@ -25,7 +25,6 @@ import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import onnx
 import torch
 import torch.nn as nn
@@ -266,6 +265,35 @@ def _fix_output_dtype(model: onnx.ModelProto, name: str, elem_type: int) -> None
 
 
 # -- the export ------------------------------------------------------------------------------------
+def _feature_onnx(model: nn.Module, height: int, width: int
+                  ) -> Tuple[onnx.ModelProto, torch.Tensor, List[int]]:
+    """The feature graph traced and simplified; (graph, a feature it gives, its shape)."""
+    feature_graph = FeatureGraph(model).eval()
+    frame = torch.randint(0, 256, (1, height, width, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feature = feature_graph(frame)
+    expected = feature_shape_of(model, height, width)
+    if list(feature.shape) != expected:
+        raise ExportError(f"{model.__class__.__name__}.frame_features gives {list(feature.shape)} "
+                          f"at {height}x{width}, expected {expected}")
+    return (simplify(_torch_onnx_export(feature_graph, (frame,), ["frame"], ["feature"])),
+            feature, expected)
+
+
+def _temporal_onnx(model: nn.Module, feature: torch.Tensor, past_names: List[str], height: int,
+                   width: int, logits: bool) -> onnx.ModelProto:
+    """The temporal graph traced on `feature` (as current and every past input), simplified."""
+    temporal_graph = TemporalGraph(model, height, width, logits=logits).eval()
+    inputs = (feature,) + tuple(feature.clone() for _ in past_names)
+    out_names = ["labels", "logits"] if logits else ["labels"]
+    temp_onnx = simplify(_torch_onnx_export(temporal_graph, inputs, ["current"] + past_names,
+                                            out_names))
+    _declare_output_shapes(temp_onnx, {"labels": [1, height, width],
+                                       "logits": [1, int(model.num_classes), height, width]})
+    return temp_onnx
+
+
 def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: bool = False,
                 logits: bool = False, checkpoint_path: Optional[str] = None,
                 max_batch: int = MAX_BATCH) -> Manifest:
@@ -282,26 +310,8 @@ def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: b
     past_names = [f"past_{k}" for k in offsets]
     os.makedirs(out_dir, exist_ok=True)
 
-    # Feature graph
-    feature_graph = FeatureGraph(model).eval()
-    frame = torch.randint(0, 256, (1, height, width, 3), dtype=torch.uint8,
-                          generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        feature = feature_graph(frame)
-    expected = feature_shape_of(model, height, width)
-    if list(feature.shape) != expected:
-        raise ExportError(f"{model.__class__.__name__}.frame_features gives {list(feature.shape)} "
-                          f"at {height}x{width}, expected {expected}")
-    feat_onnx = simplify(_torch_onnx_export(feature_graph, (frame,), ["frame"], ["feature"]))
-
-    # Temporal graph
-    temporal_graph = TemporalGraph(model, height, width, logits=logits).eval()
-    inputs = (feature,) + tuple(feature.clone() for _ in offsets)
-    out_names = ["labels", "logits"] if logits else ["labels"]
-    temp_onnx = simplify(_torch_onnx_export(temporal_graph, inputs, ["current"] + past_names,
-                                            out_names))
-    _declare_output_shapes(temp_onnx, {"labels": [1, height, width],
-                                       "logits": [1, int(model.num_classes), height, width]})
+    feat_onnx, feature, expected = _feature_onnx(model, height, width)
+    temp_onnx = _temporal_onnx(model, feature, past_names, height, width, logits)
 
     feature_dtype = "float32"
     if fp16:
@@ -345,16 +355,3 @@ def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: b
     manifest.add_file(out_dir, TEMPORAL_ONNX)
     manifest.save(out_dir)
     return manifest
-
-
-def graph_io(model: onnx.ModelProto) -> Dict[str, Dict[str, Tuple[str, List[int]]]]:
-    """{"inputs": {name: (dtype, shape)}, "outputs": {...}} of an ONNX graph (for tests/verify);
-    a symbolic axis appears by its name ("batch")."""
-    def describe(values) -> Dict[str, Tuple[str, List[int]]]:
-        out = {}
-        for v in values:
-            t = v.type.tensor_type
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
-            out[v.name] = (dtype, [d.dim_param or d.dim_value for d in t.shape.dim])
-        return out
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}

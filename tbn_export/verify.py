@@ -69,23 +69,21 @@ class VerifyResult:
 
 # -- frames ------------------------------------------------------------------------------------
 def video_frames(path: str, n: int, height: int, width: int) -> List[np.ndarray]:
-    """The first n frames of a video file, resized to the export size (BGR uint8)."""
-    import cv2
+    """The first n frames of a video file (read by tbn_runtime.sources, as tbn-run reads it),
+    resized to the export size (BGR uint8)."""
+    import contextlib
+
+    from tbn_runtime.sources import SourceError, open_source
 
     if not os.path.isfile(path):
         raise VerifyError(f"video not found: {path}")
-    cap = cv2.VideoCapture(path)
+    frames = []
     try:
-        if not cap.isOpened():
-            raise VerifyError(f"cannot open video {path} (not a video OpenCV can decode)")
-        frames = []
-        while len(frames) < n:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            frames.append(resize_frame(frame, height, width))
-    finally:
-        cap.release()
+        with contextlib.closing(open_source(path)[0].frames()) as it:
+            for _, (_, frame) in zip(range(n), it):
+                frames.append(resize_frame(frame, height, width))
+    except SourceError as e:
+        raise VerifyError(f"--video: {e}") from None
     if not frames:
         raise VerifyError(f"no frames could be decoded from {path}")
     return frames

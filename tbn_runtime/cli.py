@@ -31,6 +31,7 @@ log = logging.getLogger("tbn_runtime")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """tbn-run's flags (long: one declaration after another, in --help's order)."""
     p = OneLineParser(
         prog=PROG, formatter_class=DefaultsFormatter,
         description="Video scene parsing with an exported TBN-ViT: one label (VSPW train id) per "
@@ -180,7 +181,7 @@ def _one_process(args: argparse.Namespace, videos: list) -> dict:
         overlay = None
         if args.overlay:
             sweep_stale(os.path.dirname(os.path.abspath(args.overlay)))
-            overlay = OverlayVideo(args.overlay, seg.classes, seg.palette_bgr[:, ::-1])
+            overlay = OverlayVideo(args.overlay, seg.classes, seg.palette_bgr)
             overlay.check()
         return run_stream(seg, videos, args.out, fmt=args.format, overlay=overlay,
                           resume=args.resume, max_frames=args.max_frames,

@@ -22,6 +22,8 @@ from typing import Callable, Iterator, Optional, Tuple, Type
 from .errors import (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, Stopped, TbnError,
                      UsageError)
 
+#: where tbn-train and tbn-export put their outputs by default (tbn-run and tbn-export read it)
+DEFAULT_RUN = "runs/tbn"
 #: the packages' loggers (tbn_train.train, tbn_runtime, ...) are these or below them
 LOGGERS = ("tbn_runtime", "tbn_train", "tbn_export")
 

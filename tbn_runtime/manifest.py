@@ -146,6 +146,7 @@ def validate(m: Manifest, ring_size: Any = None) -> Optional[str]:
     Checks types and ranges (sizes, classes, offsets against the ring), the dtypes against the
     allowed sets, that class names and palette have one entry per class, that tensor names are
     distinct, and that listed files are plain names inside the export (no path separators).
+    Long on purpose: one check per field, in the schema's order, read as a table.
     """
     def bad(name: str, want: str) -> str:
         return f"field '{name}' must be {want}, got {getattr(m, name)!r}"

@@ -62,7 +62,7 @@ class OverlayVideo:
     `check()` tries the destination before the first frame, so an unwritable folder or a missing
     codec is reported at once (and for what it is), not after the stream."""
 
-    def __init__(self, path: str, class_names: Sequence[str], palette_rgb: np.ndarray) -> None:
+    def __init__(self, path: str, class_names: Sequence[str], palette_bgr: np.ndarray) -> None:
         self.path = os.path.abspath(path)
         ext = os.path.splitext(self.path)[1].lower()
         if ext not in EXTENSIONS:
@@ -70,7 +70,7 @@ class OverlayVideo:
         self.fourcc = EXTENSIONS[ext]
         self.tmp = temporary_name(self.path, ext)
         self.names = list(class_names)
-        self.palette_bgr = np.ascontiguousarray(np.asarray(palette_rgb, np.uint8)[:, ::-1])
+        self.palette_bgr = np.ascontiguousarray(np.asarray(palette_bgr, np.uint8))
         self.writer: Optional[cv2.VideoWriter] = None
         self.size: Optional[Tuple[int, int]] = None
         self.frames = 0

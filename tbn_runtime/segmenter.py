@@ -29,11 +29,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import numpy as np
 
 from .backends import Backend, select_backend
+from .console import DEFAULT_RUN
 from .manifest import MANIFEST_NAME, ManifestError, load_manifest
 from .preprocess import resize_frame, resize_labels
 
-#: where tbn-train and tbn-export put their outputs by default
-DEFAULT_RUN = os.path.join("runs", "tbn")
 
 
 def find_exports(root: str = DEFAULT_RUN) -> List[str]:

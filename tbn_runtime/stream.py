@@ -67,7 +67,7 @@ def run_stream(seg: Segmenter, source: Union[str, Sequence[Video]], out_dir: str
     if overlay is not None and seg.backend.streams > 1:
         raise StreamError("--overlay draws one video: run with --streams 1")
     if isinstance(overlay, str):
-        overlay = OverlayVideo(overlay, seg.classes, seg.palette_bgr[:, ::-1])
+        overlay = OverlayVideo(overlay, seg.classes, seg.palette_bgr)
     clock = EngineClock(seg)
     result = drive(seg, [Job(v) for v in videos], out, resume=resume, overlay=overlay,
                    max_frames=max_frames, progress=progress, queue_depth=queue_depth,

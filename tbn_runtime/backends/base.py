@@ -67,7 +67,6 @@ class Backend:
         self.batch_limit = self.streams
         self.height, self.width = int(manifest.height), int(manifest.width)
         self.timings: Dict[str, float] = {"feature": 0.0, "temporal": 0.0, "push": 0.0}
-        self.frames = 0
         self.rings: List[FeatureRing[Any]] = []
         self.clock: Any = HostClock()
 
@@ -157,7 +156,6 @@ class Backend:
             self.timings["temporal"] += self.clock.seconds(1, 2)
             for k, j in enumerate(want):
                 out[idx[j]] = labels[k]
-            self.frames += len(want)
         return out
 
     def push(self, frame: np.ndarray, stream: int = 0) -> None:
