@@ -60,6 +60,8 @@ import common  # noqa: E402
 import measure  # noqa: E402
 from paths import BenchError, Source, make_source  # noqa: E402
 
+from tbn_runtime.errors import Stopped  # noqa: E402  (SIGTERM: report what was measured)
+
 ROWS = ("naive", "naive-fp16", "ring", "ring-fp16", "ort", "ort-fp16", "ort-int8", "trt",
         "trt-fp32", "tbn-run")
 LABELS = {
@@ -75,10 +77,6 @@ LABELS = {
     "tbn-run": "tbn-run end to end",
 }
 TMP_PREFIX = "tbn-latency-"
-
-
-class Stopped(BaseException):
-    """SIGTERM: stop measuring, report what was measured, clean up."""
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001

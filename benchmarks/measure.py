@@ -252,13 +252,13 @@ def run_tbn_run(res: Dict[str, Any], results: List[Dict[str, Any]], src: Source,
     stamps: List[float] = []
     try:
         seg = Segmenter(backend=path.backend)
-        segment = seg.segment
+        segment_many = seg.segment_many   # what the stream driver calls, one frame per step
 
-        def stamped(frame: np.ndarray) -> np.ndarray:  # when each frame's labels are ready
-            labels = segment(frame)
-            stamps.append(time.perf_counter())
+        def stamped(frames, streams, want=None):  # when each frame's labels are ready
+            labels = segment_many(frames, streams, want)
+            stamps.extend([time.perf_counter()] * len(labels))
             return labels
-        seg.segment = stamped  # type: ignore[method-assign]
+        seg.segment_many = stamped  # type: ignore[method-assign]
         run_stream(seg, warm_video, os.path.join(tmp, "masks-warmup"), progress=False)
         stamps.clear()
         common.trim_heap()

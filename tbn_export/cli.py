@@ -25,10 +25,12 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from tbn_runtime.console import add_verbosity_flags, setup_logging
+from tbn_runtime.console import (DEFAULT_RUN, OneLineParser, add_verbosity_flags, run_command,
+                                 setup_logging)
+
+from .errors import UsageError
 
 DEFAULT_CHECKPOINT = "runs/tbn/best.safetensors"
-DEFAULT_RUN = "runs/tbn"
 #: VSPW's 480p frames (480 x 853) with the width rounded up to a multiple of 32.
 DEFAULT_SIZE = (480, 864)
 ENGINE_HINT = ("to build TensorRT engines later, on the target machine: pip install "
@@ -38,15 +40,6 @@ ENGINE_HINT = ("to build TensorRT engines later, on the target machine: pip inst
 log = logging.getLogger("tbn_export")
 
 
-class UsageError(Exception):
-    """A bad command line or input: one line for the user, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + error, and no SystemExit
-        raise UsageError(f"{message} (see tbn-export --help)")
-
-
 def default_out(precision: str) -> str:
     """Where an export of `precision` goes by default: runs/tbn/export for fp32,
     runs/tbn/export-<precision> for the others."""
@@ -54,7 +47,7 @@ def default_out(precision: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="tbn-export", description="Export a TBN-ViT checkpoint as two ONNX graphs "
+    p = OneLineParser(prog="tbn-export", description="Export a TBN-ViT checkpoint as two ONNX graphs "
                 "(+ TensorRT engines where TensorRT is installed) and a manifest.")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help=f"checkpoint written by tbn-train (default {DEFAULT_CHECKPOINT})")
@@ -232,11 +225,9 @@ def _check_int8_args(args) -> None:
         args.calib_method = "minmax"
 
 
-def _export(args) -> int:
-    from tbn_train.checkpoint import load_model
-
-    from .onnx_export import FEATURE_ONNX, TEMPORAL_ONNX, check_export_size, export_onnx
-    from .tensorrt_build import EngineBuildError, build_engines, tensorrt_available
+def _check_export_args(args) -> None:
+    """The export's flags, checked before the checkpoint is loaded (UsageError)."""
+    from .onnx_export import check_export_size
 
     if args.height is not None or args.width is not None:  # fail fast, before loading weights
         check_export_size(args.height if args.height is not None else 32,
@@ -253,30 +244,100 @@ def _export(args) -> int:
         raise UsageError(f"--max-batch must be in 1..256, got {args.max_batch}")
     _check_int8_args(args)
 
-    from tbn_runtime.files import sha256_file, sweep_stale, temporary_name
 
+def _calibration(args, height: int, width: int):
+    """--int8: the calibration frames (and those held out for --verify); None otherwise."""
+    if not args.int8:
+        return None
+    from .int8 import read_calibration
+
+    held_out = args.verify_frames if args.verify and not args.video else 0
+    calib = read_calibration(args.calib, args.calib_frames, height, width, held_out)
+    if held_out and not calib.held_out:
+        raise UsageError(f"--calib {args.calib} leaves no frames that calibration did not "
+                         f"see for --verify; pass --video FILE (frames to verify on)")
+    return calib
+
+
+def _verified(args, tmp: str, model, calib, height: int, width: int) -> bool:
+    """--verify: the export in tmp against PyTorch; prints the table, False when it fails."""
+    from .verify import synthetic_frames, verify_export, video_frames
+
+    if args.video:
+        frames = video_frames(args.video, args.verify_frames, height, width)
+        what = f"{len(frames)} frames of {args.video}"
+    elif calib is not None:
+        frames = calib.held_out
+        what = f"{len(frames)} held-out frames of {calib.held_out_from}"
+    else:
+        frames = synthetic_frames(args.verify_frames, height, width)
+        what = f"{len(frames)} synthetic frames"
+    result = verify_export(tmp, model, frames)
+    print(f"verify: ONNX Runtime (CPU) vs PyTorch on {what}")
+    print(result.table())
+    return result.ok
+
+
+def _write_export(args, tmp: str, model, calib, height: int, width: int, source: str):
+    """ONNX graphs (quantized with --int8) and the manifest into tmp; the manifest."""
+    from .onnx_export import FEATURE_ONNX, TEMPORAL_ONNX, export_onnx
+
+    t0 = time.perf_counter()
+    manifest = export_onnx(model, tmp, height, width, fp16=args.fp16, logits=args.logits,
+                           checkpoint_path=args.checkpoint, max_batch=args.max_batch)
+    if calib is not None:
+        from .int8 import quantize_export
+
+        manifest = quantize_export(tmp, calib, args.calib_method)
+        log.info(f"quantized {FEATURE_ONNX} to INT8 (Q/DQ) on {len(calib.frames)} frames "
+                 f"of {len(calib.videos)} video(s) from {args.calib}")
+    log.info(f"exported {manifest.model} ({manifest.precision}) at {height}x{width} (size "
+             f"from {source}) in {time.perf_counter() - t0:.1f} s: {FEATURE_ONNX} "
+             f"{_size_mb(os.path.join(tmp, FEATURE_ONNX))}, {TEMPORAL_ONNX} "
+             f"{_size_mb(os.path.join(tmp, TEMPORAL_ONNX))}; feature "
+             f"{'x'.join(map(str, manifest.feature_shape))} {manifest.feature_dtype}")
+    return manifest
+
+
+def _engines(args, tmp: str) -> Tuple[bool, str, Optional[str]]:
+    """TensorRT engines into tmp where TensorRT is present: (available, why not, the build's
+    error or None)."""
+    from .errors import EngineBuildError
+    from .tensorrt_build import build_engines, tensorrt_available
+
+    ok, why = tensorrt_available()
+    if not ok:
+        return ok, why, None
+    t0 = time.perf_counter()
+    try:
+        build_engines(tmp, args.workspace_gb, args.trt_log_level)
+    except EngineBuildError as e:
+        return ok, why, str(e)
+    log.info(f"built TensorRT engines in {time.perf_counter() - t0:.1f} s")
+    return ok, why, None
+
+
+def _export(args) -> int:
+    """The export: checked, made in a temporary beside --out, verified, then renamed."""
+    from tbn_runtime.files import sha256_file, sweep_stale, temporary_name
+    from tbn_train.checkpoint import load_model
+
+    from .onnx_export import check_export_size
+
+    _check_export_args(args)
     model, meta = load_model(args.checkpoint)
     height, width, source = _export_size(args, meta)
     height, width = check_export_size(height, width)
-    calib = None
-    if args.int8:
-        from .int8 import read_calibration
-
-        held_out = args.verify_frames if args.verify and not args.video else 0
-        calib = read_calibration(args.calib, args.calib_frames, height, width, held_out)
-        if held_out and not calib.held_out:
-            raise UsageError(f"--calib {args.calib} leaves no frames that calibration did not "
-                             f"see for --verify; pass --video FILE (frames to verify on)")
+    calib = _calibration(args, height, width)
     out = os.path.abspath(args.out)
-    precision = precision_of(args)
     # an int8 export also depends on its calibration: never "up to date", replaced instead
     same = None if args.int8 else {"sha256": sha256_file(args.checkpoint),
                                     "size": [height, width], "logits": args.logits}
-    action, note = _check_out_dir(out, model.model_name, precision, args.overwrite, same)
+    action, note = _check_out_dir(out, model.model_name, precision_of(args), args.overwrite,
+                                  same)
     if action == "up to date":
         log.info(note)
         return 0
-
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     for path in sweep_stale(parent):
@@ -284,54 +345,14 @@ def _export(args) -> int:
     tmp = temporary_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        t0 = time.perf_counter()
-        manifest = export_onnx(model, tmp, height, width, fp16=args.fp16, logits=args.logits,
-                               checkpoint_path=args.checkpoint, max_batch=args.max_batch)
-        if calib is not None:
-            from .int8 import quantize_export
-
-            manifest = quantize_export(tmp, calib, args.calib_method)
-            log.info(f"quantized {FEATURE_ONNX} to INT8 (Q/DQ) on {len(calib.frames)} frames "
-                     f"of {len(calib.videos)} video(s) from {args.calib}")
-        t_export = time.perf_counter() - t0
-        log.info(f"exported {manifest.model} ({manifest.precision}) at {height}x{width} (size "
-                 f"from {source}) in {t_export:.1f} s: {FEATURE_ONNX} "
-                 f"{_size_mb(os.path.join(tmp, FEATURE_ONNX))}, {TEMPORAL_ONNX} "
-                 f"{_size_mb(os.path.join(tmp, TEMPORAL_ONNX))}; feature "
-                 f"{'x'.join(map(str, manifest.feature_shape))} {manifest.feature_dtype}")
-
-        if args.verify:
-            from .verify import synthetic_frames, verify_export, video_frames
-
-            if args.video:
-                frames = video_frames(args.video, args.verify_frames, height, width)
-                what = f"{len(frames)} frames of {args.video}"
-            elif calib is not None:
-                frames = calib.held_out
-                what = f"{len(frames)} held-out frames of {calib.held_out_from}"
-            else:
-                frames = synthetic_frames(args.verify_frames, height, width)
-                what = f"{len(frames)} synthetic frames"
-            result = verify_export(tmp, model, frames)
-            print(f"verify: ONNX Runtime (CPU) vs PyTorch on {what}")
-            print(result.table())
-            if not result.ok:
-                log.error(f"verification failed; nothing written to {out}")
-                return 1
-
-        ok, why = tensorrt_available()
-        engine_error = None
-        if ok:
-            t0 = time.perf_counter()
-            try:
-                build_engines(tmp, args.workspace_gb, args.trt_log_level)
-                log.info(f"built TensorRT engines in {time.perf_counter() - t0:.1f} s")
-            except EngineBuildError as e:
-                engine_error = str(e)
+        _write_export(args, tmp, model, calib, height, width, source)
+        if args.verify and not _verified(args, tmp, model, calib, height, width):
+            log.error(f"verification failed; nothing written to {out}")
+            return 1
+        ok, why, engine_error = _engines(args, tmp)
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
     if note:
         log.info(note)
     log.info(f"wrote {out}")
@@ -344,43 +365,20 @@ def _export(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    try:
+    def body() -> int:
         args = build_parser().parse_args(argv)
-    except UsageError as e:
-        print(f"tbn-export: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    setup_logging("tbn-export", args.verbose, args.quiet)
-    if args.out is None:
-        args.out = default_out(precision_of(args))
-
-    from tbn_runtime.manifest import ManifestError
-    from tbn_train.checkpoint import CheckpointError
-    from tbn_train.models import BackboneError
-
-    from .int8 import Int8Error
-    from .onnx_export import ExportError
-    from .verify import VerifyError
-
-    try:
+        setup_logging("tbn-export", args.verbose, args.quiet)
+        if args.out is None:
+            args.out = default_out(precision_of(args))
         if args.engine_only:
             if args.calib or args.calib_frames or args.calib_method:
                 raise UsageError("--engine-only builds engines for the export in --out; the "
                                  "--calib flags belong to an export (tbn-export --int8)")
             return _engine_only(args)
         return _export(args)
-    except UsageError as e:
-        print(f"tbn-export: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, BackboneError, ExportError, ManifestError, VerifyError, Int8Error,
-            OSError) as e:
-        first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        print(f"tbn-export: {first}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tbn-export: interrupted; nothing written", file=sys.stderr)
-        return 130
+
+    return run_command("tbn-export", body, interrupted="interrupted; nothing written",
+                       stopped="stopped (SIGTERM); nothing written")
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def _convert(model: onnx.ModelProto, node_block_list: Iterable[str] = ()) -> onn
     try:
         from onnxconverter_common import float16
     except ImportError as e:
-        from .onnx_export import ExportError
+        from .errors import ExportError
         raise ExportError(f"--fp16 needs onnxconverter-common ({e}): pip install "
                           f"'tbn-vit[export]'") from e
 
@@ -153,16 +153,3 @@ def convert_feature_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 def convert_temporal_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """temporal graph -> fp16: float16 features in, uint8 labels (and logits) out."""
     return _convert(model)
-
-
-def node_dtypes(model: onnx.ModelProto) -> dict:
-    """{node name: (op_type, [elem types of its inputs])} after shape inference (for tests)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {}
-    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + \
-            list(inferred.graph.output):
-        types[v.name] = v.type.tensor_type.elem_type
-    for init in inferred.graph.initializer:
-        types[init.name] = init.data_type
-    return {n.name: (n.op_type, [types.get(i) for i in n.input if i])
-            for n in inferred.graph.node}

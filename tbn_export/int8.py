@@ -34,6 +34,8 @@ import onnx
 
 from tbn_runtime.preprocess import resize_frame
 
+from .errors import Int8Error
+
 #: op types whose inputs get Q/DQ.
 QUANTIZED_OPS = ("Conv", "MatMul")
 #: op types that must stay float in the INT8 graph (checked by check_float_ops and the tests).
@@ -43,10 +45,6 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 #: frames between two calibration frames of a video: neighbours add little information.
 CALIB_STRIDE = 5
 DEFAULT_CALIB_FRAMES = 64
-
-
-class Int8Error(ValueError):
-    """Calibration frames that cannot be read, or a graph that cannot be quantized."""
 
 
 # -- calibration frames ------------------------------------------------------------------------
@@ -76,12 +74,12 @@ def read_calibration(source: str, n: int, height: int, width: int,
     video's first frames when the source has several videos (that video is then not used for
     calibration), else the frames after the last calibration frame of the only video.
     """
-    from tbn_runtime.sources import SourceError
+    from tbn_runtime.sources import SourceError, open_source
 
     if n < 1:
         raise Int8Error(f"--calib-frames must be >= 1, got {n}")
     try:
-        videos = _source_videos(source)
+        videos = open_source(source)   # a split list (ROOT/train.txt): that split's videos
     except SourceError as e:
         raise Int8Error(f"cannot read calibration source {source}: {e}") from None
     videos = [v for v in videos if v.kind in ("file", "frames")]
@@ -121,23 +119,6 @@ def read_calibration(source: str, n: int, height: int, width: int,
     where = (f"{holdout_video.name} (not used for calibration)" if holdout_video is not None
              else f"{videos[-1].name} after its calibration frames")
     return CalibrationFrames(frames, source, names, rest, where)
-
-
-def _source_videos(source: str) -> list:
-    """open_source's videos; a VSPW split list (ROOT/train.txt) gives that split's videos."""
-    from tbn_runtime.sources import SourceError, open_source
-
-    if source.endswith(".txt") and os.path.isfile(source):
-        with open(source) as f:
-            names = [line.strip() for line in f if line.strip()]
-        root = os.path.dirname(os.path.abspath(source))
-        videos = {v.name: v for v in open_source(root)}
-        listed = [videos[name] for name in names if name in videos]
-        if not listed:
-            raise SourceError(f"none of the {len(names)} videos it lists is in {root}/data "
-                              f"(a VSPW split list belongs in the VSPW root)")
-        return listed
-    return open_source(source)
 
 
 # -- quantization --------------------------------------------------------------------------------
@@ -303,7 +284,7 @@ def quantize_export(export_dir: str, calib: CalibrationFrames, method: str = "mi
     precision int8, the quantizer, its settings and the calibration. Returns the manifest."""
     from tbn_runtime.manifest import load_manifest
 
-    from .onnx_export import FEATURE_ONNX, _save_onnx, check_graph
+    from .onnx_export import FEATURE_ONNX, save_onnx, check_graph
 
     manifest = load_manifest(export_dir)
     if manifest.precision != "fp32":
@@ -320,7 +301,7 @@ def quantize_export(export_dir: str, calib: CalibrationFrames, method: str = "mi
     if summary["float_ops_in_int8"]:
         raise Int8Error(f"the quantizer put {summary['float_ops_in_int8']} in INT8, which "
                         f"must stay float")
-    _save_onnx(quantized, path)
+    save_onnx(quantized, path)
     manifest.precision = "int8"
     manifest.quantization = {**settings(method), "calibration": calib.record(),
                              "qdq": {k: summary[k] for k in ("QuantizeLinear",

@@ -25,7 +25,6 @@ import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import onnx
 import torch
 import torch.nn as nn
@@ -35,6 +34,8 @@ from tbn_runtime.classes import VSPW_CLASSES, make_palette
 from tbn_runtime.files import atomic_write, sha256_file
 from tbn_runtime.manifest import BATCH_AXIS, Manifest
 from tbn_runtime.preprocess import MEAN_RGB, STD_RGB
+
+from .errors import ExportError
 
 log = logging.getLogger("tbn_export")
 
@@ -46,10 +47,6 @@ FEATURE_ONNX = "feature.onnx"
 TEMPORAL_ONNX = "temporal.onnx"
 #: ops a deployable graph must not contain (training-only, or not eval-folded).
 TRAINING_OPS = ("Dropout", "BatchNormalization")
-
-
-class ExportError(ValueError):
-    """An export that cannot be made as asked; the message says why and what to change."""
 
 
 # -- the two deployable halves ---------------------------------------------------------------
@@ -237,7 +234,8 @@ def check_graph(model: onnx.ModelProto, name: str) -> None:
                           f"mode")
 
 
-def _save_onnx(model: onnx.ModelProto, path: str) -> None:
+def save_onnx(model: onnx.ModelProto, path: str) -> None:
+    """Write an ONNX graph atomically (the int8 pass saves its graph with it too)."""
     atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
 
 
@@ -267,6 +265,35 @@ def _fix_output_dtype(model: onnx.ModelProto, name: str, elem_type: int) -> None
 
 
 # -- the export ------------------------------------------------------------------------------------
+def _feature_onnx(model: nn.Module, height: int, width: int
+                  ) -> Tuple[onnx.ModelProto, torch.Tensor, List[int]]:
+    """The feature graph traced and simplified; (graph, a feature it gives, its shape)."""
+    feature_graph = FeatureGraph(model).eval()
+    frame = torch.randint(0, 256, (1, height, width, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feature = feature_graph(frame)
+    expected = feature_shape_of(model, height, width)
+    if list(feature.shape) != expected:
+        raise ExportError(f"{model.__class__.__name__}.frame_features gives {list(feature.shape)} "
+                          f"at {height}x{width}, expected {expected}")
+    return (simplify(_torch_onnx_export(feature_graph, (frame,), ["frame"], ["feature"])),
+            feature, expected)
+
+
+def _temporal_onnx(model: nn.Module, feature: torch.Tensor, past_names: List[str], height: int,
+                   width: int, logits: bool) -> onnx.ModelProto:
+    """The temporal graph traced on `feature` (as current and every past input), simplified."""
+    temporal_graph = TemporalGraph(model, height, width, logits=logits).eval()
+    inputs = (feature,) + tuple(feature.clone() for _ in past_names)
+    out_names = ["labels", "logits"] if logits else ["labels"]
+    temp_onnx = simplify(_torch_onnx_export(temporal_graph, inputs, ["current"] + past_names,
+                                            out_names))
+    _declare_output_shapes(temp_onnx, {"labels": [1, height, width],
+                                       "logits": [1, int(model.num_classes), height, width]})
+    return temp_onnx
+
+
 def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: bool = False,
                 logits: bool = False, checkpoint_path: Optional[str] = None,
                 max_batch: int = MAX_BATCH) -> Manifest:
@@ -283,26 +310,8 @@ def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: b
     past_names = [f"past_{k}" for k in offsets]
     os.makedirs(out_dir, exist_ok=True)
 
-    # Feature graph
-    feature_graph = FeatureGraph(model).eval()
-    frame = torch.randint(0, 256, (1, height, width, 3), dtype=torch.uint8,
-                          generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        feature = feature_graph(frame)
-    expected = feature_shape_of(model, height, width)
-    if list(feature.shape) != expected:
-        raise ExportError(f"{model.__class__.__name__}.frame_features gives {list(feature.shape)} "
-                          f"at {height}x{width}, expected {expected}")
-    feat_onnx = simplify(_torch_onnx_export(feature_graph, (frame,), ["frame"], ["feature"]))
-
-    # Temporal graph
-    temporal_graph = TemporalGraph(model, height, width, logits=logits).eval()
-    inputs = (feature,) + tuple(feature.clone() for _ in offsets)
-    out_names = ["labels", "logits"] if logits else ["labels"]
-    temp_onnx = simplify(_torch_onnx_export(temporal_graph, inputs, ["current"] + past_names,
-                                            out_names))
-    _declare_output_shapes(temp_onnx, {"labels": [1, height, width],
-                                       "logits": [1, int(model.num_classes), height, width]})
+    feat_onnx, feature, expected = _feature_onnx(model, height, width)
+    temp_onnx = _temporal_onnx(model, feature, past_names, height, width, logits)
 
     feature_dtype = "float32"
     if fp16:
@@ -315,8 +324,8 @@ def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: b
 
     check_graph(feat_onnx, FEATURE_ONNX)
     check_graph(temp_onnx, TEMPORAL_ONNX)
-    _save_onnx(feat_onnx, os.path.join(out_dir, FEATURE_ONNX))
-    _save_onnx(temp_onnx, os.path.join(out_dir, TEMPORAL_ONNX))
+    save_onnx(feat_onnx, os.path.join(out_dir, FEATURE_ONNX))
+    save_onnx(temp_onnx, os.path.join(out_dir, TEMPORAL_ONNX))
 
     names, palette = class_vocabulary(int(model.num_classes))
     checkpoint = {"path": None, "sha256": None}
@@ -346,16 +355,3 @@ def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: b
     manifest.add_file(out_dir, TEMPORAL_ONNX)
     manifest.save(out_dir)
     return manifest
-
-
-def graph_io(model: onnx.ModelProto) -> Dict[str, Dict[str, Tuple[str, List[int]]]]:
-    """{"inputs": {name: (dtype, shape)}, "outputs": {...}} of an ONNX graph (for tests/verify);
-    a symbolic axis appears by its name ("batch")."""
-    def describe(values) -> Dict[str, Tuple[str, List[int]]]:
-        out = {}
-        for v in values:
-            t = v.type.tensor_type
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
-            out[v.name] = (dtype, [d.dim_param or d.dim_value for d in t.shape.dim])
-        return out
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}

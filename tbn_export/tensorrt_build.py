@@ -25,16 +25,14 @@ from typing import Any, Dict, List, Optional, Tuple
 from tbn_runtime.files import atomic_write
 from tbn_runtime.manifest import Manifest, load_manifest
 
+from .errors import EngineBuildError
+
 TIMING_CACHE = "timing.cache"
 ENGINES = (("feature.onnx", "feature.engine"), ("temporal.onnx", "temporal.engine"))
 LOG_LEVELS = ("verbose", "info", "warning", "error", "internal_error")
 
 
 log = logging.getLogger("tbn_export")
-
-
-class EngineBuildError(RuntimeError):
-    """A TensorRT parse or build failure; the message names the failing node or layer."""
 
 
 def tensorrt_available() -> Tuple[bool, str]:

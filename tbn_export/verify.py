@@ -25,6 +25,8 @@ from tbn_runtime.preprocess import resize_frame
 from tbn_runtime.temporal import FeatureRing
 from tbn_train.data.synth import synthetic_frames  # noqa: F401  (--verify's default frames)
 
+from .errors import VerifyError
+
 #: minimum share of pixels whose labels must agree with PyTorch, per export precision.
 LABEL_AGREEMENT = {"fp32": 0.999, "fp16": 0.995, "int8": 0.99}
 #: largest tolerated feature error relative to the largest reference feature value: a generous
@@ -32,10 +34,6 @@ LABEL_AGREEMENT = {"fp32": 0.999, "fp16": 0.995, "int8": 0.99}
 #: tbn_swin_t int8 0.12, random tbn_tiny on degraded synthetic frames 0.3); the labels are the
 #: real test.
 FEATURE_REL_TOL = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.5}
-
-
-class VerifyError(ValueError):
-    """Frames that cannot be read or an export that cannot be run; one line for the user."""
 
 
 @dataclass
@@ -71,23 +69,21 @@ class VerifyResult:
 
 # -- frames ------------------------------------------------------------------------------------
 def video_frames(path: str, n: int, height: int, width: int) -> List[np.ndarray]:
-    """The first n frames of a video file, resized to the export size (BGR uint8)."""
-    import cv2
+    """The first n frames of a video file (read by tbn_runtime.sources, as tbn-run reads it),
+    resized to the export size (BGR uint8)."""
+    import contextlib
+
+    from tbn_runtime.sources import SourceError, open_source
 
     if not os.path.isfile(path):
         raise VerifyError(f"video not found: {path}")
-    cap = cv2.VideoCapture(path)
+    frames = []
     try:
-        if not cap.isOpened():
-            raise VerifyError(f"cannot open video {path} (not a video OpenCV can decode)")
-        frames = []
-        while len(frames) < n:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            frames.append(resize_frame(frame, height, width))
-    finally:
-        cap.release()
+        with contextlib.closing(open_source(path)[0].frames()) as it:
+            for _, (_, frame) in zip(range(n), it):
+                frames.append(resize_frame(frame, height, width))
+    except SourceError as e:
+        raise VerifyError(f"--video: {e}") from None
     if not frames:
         raise VerifyError(f"no frames could be decoded from {path}")
     return frames

@@ -10,7 +10,9 @@ tbn_runtime.stream.run_stream; what it adds is the care a command owes its user:
 --out (a second run into it is refused, naming the holder), every destination checked before
 the first frame, temporaries of killed runs swept, SIGTERM and Ctrl-C stopping cleanly with
 every written mask complete, and each mistake reported as one `tbn-run: error: ...` line with a
-non-zero exit code (2), never a traceback. Only argparse is imported before --help is answered.
+non-zero exit code, never a traceback (tbn_runtime.console.run_command: 2 a mistake found before
+any work, 1 a video that failed while the others went on, 130/143 Ctrl-C/SIGTERM). Only
+argparse is imported before --help is answered.
 """
 
 from __future__ import annotations
@@ -18,23 +20,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 from typing import List, Optional
 
-from .console import DefaultsFormatter, add_verbosity_flags, setup_logging
+from .console import (DefaultsFormatter, OneLineParser, add_verbosity_flags, run_command,
+                      setup_logging)
 
 PROG = "tbn-run"
 log = logging.getLogger("tbn_runtime")
 
 
-class Stopped(BaseException):
-    """SIGTERM (kill, timeout, Slurm, Kubernetes): stop like Ctrl-C."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    """tbn-run's flags (long: one declaration after another, in --help's order)."""
+    p = OneLineParser(
         prog=PROG, formatter_class=DefaultsFormatter,
         description="Video scene parsing with an exported TBN-ViT: one label (VSPW train id) per "
                     "pixel of every frame, written to OUT/<video>/<frame>.png (or .npy, or "
@@ -96,14 +94,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
+def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Flags that cannot go together or out of range: UsageError before anything is loaded."""
+    from .errors import UsageError
+
+    problems = []
+    if args.max_frames is not None and args.max_frames < 1:
+        problems.append("--max-frames must be at least 1")
+    if not 1 <= args.streams <= 256:
+        problems.append("--streams must be in 1..256")
+    problems += [f"--{dest.replace('_', '-')} goes with --ray"
+                 for dest in ("chunk_frames", "workers", "cpus_per_worker")
+                 if args.ray is None and getattr(args, dest) != parser.get_default(dest)]
+    if args.ray is not None and (args.overlay or args.max_frames):
+        problems.append(f"{'--overlay' if args.overlay else '--max-frames'} is for one "
+                        f"stream; not with --ray")
+    if args.overlay and args.streams > 1:
+        problems.append("--overlay draws one video: run with --streams 1")
+    if args.ray is not None and args.streams > 1:
+        problems.append("--streams batches videos inside one process; with --ray each worker "
+                        "streams one video (or chunk) at a time: ask for more --workers instead")
+    problems += [f"{flag} must be at least 0" for flag, value in (
+        ("--chunk-frames", args.chunk_frames), ("--workers", args.workers),
+        ("--cpus-per-worker", args.cpus_per_worker)) if value < 0]
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        problems.append(f"--out {args.out} exists and is not a folder")
+    if problems:
+        raise UsageError(problems[0])
 
 
 def _check_writable(path: str, flag: str) -> None:
     """Create and remove a temporary beside `path`: an unwritable destination fails now."""
     from .files import temporary_name
+    from .stream import StreamError
 
     tmp = temporary_name(path)
     try:
@@ -112,7 +135,25 @@ def _check_writable(path: str, flag: str) -> None:
             pass
         os.remove(tmp)
     except OSError as e:
-        raise OSError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+        raise StreamError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+
+
+def _prepare_out(args: argparse.Namespace) -> None:
+    """--out (locked by the caller): temporaries of killed runs swept, labels already there
+    refused without --overwrite/--resume, --out and --stats writable."""
+    from .files import sweep_stale
+    from .outputs import has_outputs
+    from .stream import StreamError
+
+    for folder in [args.out] + [e.path for e in os.scandir(args.out) if e.is_dir()]:
+        for path in sweep_stale(folder):
+            log.info("removed %s, left by a run that was killed", path)
+    if has_outputs(args.out) and not (args.overwrite or args.resume):
+        raise StreamError(f"{args.out} already holds labels; pass --overwrite to replace "
+                          f"them or --resume to finish an interrupted run")
+    _check_writable(os.path.join(args.out, "x"), "--out")
+    if args.stats:
+        _check_writable(args.stats, "--stats")
 
 
 def _corpus(args: argparse.Namespace, videos: list) -> dict:
@@ -127,108 +168,66 @@ def _corpus(args: argparse.Namespace, videos: list) -> dict:
                       progress=not (args.no_progress or args.quiet), verbose=args.verbose)
 
 
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise Stopped()
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(PROG, args.verbose, args.quiet)
-    if args.max_frames is not None and args.max_frames < 1:
-        return _fail("--max-frames must be at least 1")
-    if not 1 <= args.streams <= 256:
-        return _fail("--streams must be in 1..256")
-    for dest in ("chunk_frames", "workers", "cpus_per_worker"):
-        if args.ray is None and getattr(args, dest) != parser.get_default(dest):
-            return _fail(f"--{dest.replace('_', '-')} goes with --ray")
-    if args.ray is not None and (args.overlay or args.max_frames):
-        return _fail(f"{'--overlay' if args.overlay else '--max-frames'} is for one stream; "
-                     f"not with --ray")
-    if args.overlay and args.streams > 1:
-        return _fail("--overlay draws one video: run with --streams 1")
-    if args.ray is not None and args.streams > 1:
-        return _fail("--streams batches videos inside one process; with --ray each worker "
-                     "streams one video (or chunk) at a time: ask for more --workers instead")
-    for flag, value, least in (("--chunk-frames", args.chunk_frames, 0),
-                               ("--workers", args.workers, 0),
-                               ("--cpus-per-worker", args.cpus_per_worker, 0)):
-        if value < least:
-            return _fail(f"{flag} must be at least {least}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        return _fail(f"--out {args.out} exists and is not a folder")
-
-    # OpenCV and FFmpeg print their own warnings for a missing camera or a broken file; tbn-run
-    # says it in one line instead (set these variables yourself to see them).
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    from .backends import BackendError
-    from .cluster import ClusterError
-    from .files import FolderLock, LockError, atomic_write_text, sweep_stale
-    from .manifest import ManifestError
-    from .outputs import has_outputs
-    from .overlay import OverlayError, OverlayVideo
+def _one_process(args: argparse.Namespace, videos: list) -> dict:
+    """The videos through one Segmenter in this process (one stream or --streams N)."""
+    from .files import sweep_stale
+    from .overlay import OverlayVideo
     from .segmenter import Segmenter
-    from .sources import SourceError, open_source
-    from .stream import StreamError, run_stream, summary_line
+    from .stream import run_stream
+
+    with Segmenter(args.model, backend=args.backend, device=args.device,
+                   streams=args.streams) as seg:
+        log.info("model %s; backend %s", seg.export, seg.why)
+        overlay = None
+        if args.overlay:
+            sweep_stale(os.path.dirname(os.path.abspath(args.overlay)))
+            overlay = OverlayVideo(args.overlay, seg.classes, seg.palette_bgr)
+            overlay.check()
+        return run_stream(seg, videos, args.out, fmt=args.format, overlay=overlay,
+                          resume=args.resume, max_frames=args.max_frames,
+                          progress=not (args.no_progress or args.quiet))
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    """The run, with --out locked; the exit code (1 if a video failed)."""
+    from .files import FolderLock, atomic_write_text
+    from .report import summary_line
+    from .sources import open_source
 
     created = not os.path.exists(args.out)
-    lock = FolderLock(args.out, " ".join([PROG] + list(argv if argv is not None else
-                                                      sys.argv[1:])))
-    seg = None
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    lock = FolderLock(args.out, command)
     try:
         lock.acquire()
-        for folder in [args.out] + [e.path for e in os.scandir(args.out) if e.is_dir()]:
-            for path in sweep_stale(folder):
-                log.info("removed %s, left by a run that was killed", path)
-        if has_outputs(args.out) and not (args.overwrite or args.resume):
-            raise StreamError(f"{args.out} already holds labels; pass --overwrite to replace "
-                              f"them or --resume to finish an interrupted run")
-        _check_writable(os.path.join(args.out, "x"), "--out")
-        if args.stats:
-            _check_writable(args.stats, "--stats")
+        _prepare_out(args)
         videos = [v for source in args.sources for v in open_source(source)]
-        if args.ray is not None:
-            stats = _corpus(args, videos)
-        else:
-            seg = Segmenter(args.model, backend=args.backend, device=args.device,
-                            streams=args.streams)
-            log.info("model %s; backend %s", seg.export, seg.why)
-            overlay = None
-            if args.overlay:
-                sweep_stale(os.path.dirname(os.path.abspath(args.overlay)))
-                overlay = OverlayVideo(args.overlay, seg.classes, seg.palette_bgr[:, ::-1])
-                overlay.check()
-            stats = run_stream(seg, videos, args.out, fmt=args.format, overlay=overlay,
-                               resume=args.resume, max_frames=args.max_frames,
-                               progress=not (args.no_progress or args.quiet))
+        stats = _corpus(args, videos) if args.ray is not None else _one_process(args, videos)
         stats["sources"] = args.sources
         if args.stats:
             import json
             atomic_write_text(args.stats, json.dumps(stats, indent=2) + "\n")
         print(f"{PROG}: {summary_line(stats, args.out)}")
         return 1 if stats.get("failed_videos") else 0  # each said as it failed; --resume retries
-    except (SourceError, ManifestError, BackendError, StreamError, OverlayError,
-            LockError, ClusterError) as e:
-        return _fail(str(e))
-    except OSError as e:
-        return _fail(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}"
-                     f"{e.strerror or e}")
-    except (KeyboardInterrupt, Stopped) as e:
-        what = "stopped (SIGTERM)" if isinstance(e, Stopped) else "interrupted"
-        print(f"{PROG}: {what}; the labels written so far are complete (--resume continues)",
-              file=sys.stderr)
-        return 143 if isinstance(e, Stopped) else 130
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-        if seg is not None:
-            seg.close()
         lock.release()
         if created and os.path.isdir(args.out) and not os.listdir(args.out):
             os.rmdir(args.out)  # nothing was written: leave no empty folder behind
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    def body() -> int:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        setup_logging(PROG, args.verbose, args.quiet)
+        _check_args(args, parser)
+        # OpenCV and FFmpeg print their own warnings for a missing camera or a broken file;
+        # tbn-run says it in one line instead (set these variables yourself to see them).
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+        return _run(args, " ".join([PROG] + list(argv if argv is not None else sys.argv[1:])))
+
+    return run_command(PROG, body, interrupted="interrupted; the labels written so far are "
+                       "complete (--resume continues)", stopped="stopped (SIGTERM); the labels "
+                       "written so far are complete (--resume continues)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Tuple
 
-from .backends.base import BackendError
+from .errors import BackendError
 
 INSTALL = ("pip install 'tbn-vit[gpu-cu12]' or 'tbn-vit[gpu-cu13]' (the CUDA major version of "
            "your driver: nvidia-smi)")

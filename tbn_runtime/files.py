@@ -20,11 +20,13 @@ import sys
 import time
 from typing import Callable, List, Optional
 
+from .errors import TbnError
+
 #: hidden temporaries and move-aside backups: .<name>.tmp-<pid>[<ext>] and .<name>.old-<pid>
 _TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:\.[A-Za-z0-9]+)?$")
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(TbnError, ValueError):
     """A name from user data (a split list's line, a video or frame name) that leads outside the
     folder it must stay in; the message names the entry and why."""
 
@@ -158,7 +160,7 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-class LockError(RuntimeError):
+class LockError(TbnError, RuntimeError):
     """The folder is in use by another run; the message names the holder."""
 
 

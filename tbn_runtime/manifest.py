@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
+from .errors import TbnError
 from .files import atomic_write_text, sha256_file
 
 FORMAT = "tbn-vit-export"
@@ -27,7 +28,7 @@ BATCH_AXIS = "batch"
 MAX_OFFSET = 64
 
 
-class ManifestError(ValueError):
+class ManifestError(TbnError, ValueError):
     """An export directory the runtime cannot use; the message names the file and the fix."""
 
 
@@ -145,6 +146,7 @@ def validate(m: Manifest, ring_size: Any = None) -> Optional[str]:
     Checks types and ranges (sizes, classes, offsets against the ring), the dtypes against the
     allowed sets, that class names and palette have one entry per class, that tensor names are
     distinct, and that listed files are plain names inside the export (no path separators).
+    Long on purpose: one check per field, in the schema's order, read as a table.
     """
     def bad(name: str, want: str) -> str:
         return f"field '{name}' must be {want}, got {getattr(m, name)!r}"

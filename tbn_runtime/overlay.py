@@ -9,13 +9,14 @@ from typing import List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from .errors import TbnError
 from .files import temporary_name
 from .masks import overlay as blend
 
 EXTENSIONS = {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "mp4v", ".mov": "mp4v"}
 
 
-class OverlayError(RuntimeError):
+class OverlayError(TbnError, RuntimeError):
     """An overlay that cannot be written; one line naming the cause."""
 
 
@@ -61,7 +62,7 @@ class OverlayVideo:
     `check()` tries the destination before the first frame, so an unwritable folder or a missing
     codec is reported at once (and for what it is), not after the stream."""
 
-    def __init__(self, path: str, class_names: Sequence[str], palette_rgb: np.ndarray) -> None:
+    def __init__(self, path: str, class_names: Sequence[str], palette_bgr: np.ndarray) -> None:
         self.path = os.path.abspath(path)
         ext = os.path.splitext(self.path)[1].lower()
         if ext not in EXTENSIONS:
@@ -69,7 +70,7 @@ class OverlayVideo:
         self.fourcc = EXTENSIONS[ext]
         self.tmp = temporary_name(self.path, ext)
         self.names = list(class_names)
-        self.palette_bgr = np.ascontiguousarray(np.asarray(palette_rgb, np.uint8)[:, ::-1])
+        self.palette_bgr = np.ascontiguousarray(np.asarray(palette_bgr, np.uint8))
         self.writer: Optional[cv2.VideoWriter] = None
         self.size: Optional[Tuple[int, int]] = None
         self.frames = 0

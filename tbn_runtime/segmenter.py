@@ -15,13 +15,12 @@ A Segmenter holds a backend (TensorRT, ONNX Runtime or PyTorch; see tbn_runtime.
 its feature ring. `segment` takes frames at any size: it resizes them to the export size
 (bilinear) on the way in and the labels back (nearest) on the way out, so the labels always
 match the frame. Consecutive `segment` calls are consecutive frames of one video; call `reset()`
-between videos (`stream` does it itself). tbn-run is this class plus tbn_runtime.stream's
-writers, and holds no logic of its own.
+between videos (`stream` does it itself). tbn-run's driver (tbn_runtime.driver) calls
+`segment_many` and `reset` of this class, and holds no engine logic of its own.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -30,13 +29,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import numpy as np
 
 from .backends import Backend, select_backend
+from .console import DEFAULT_RUN
 from .manifest import MANIFEST_NAME, ManifestError, load_manifest
 from .preprocess import resize_frame, resize_labels
 
-log = logging.getLogger("tbn_runtime")
-
-#: where tbn-train and tbn-export put their outputs by default
-DEFAULT_RUN = os.path.join("runs", "tbn")
 
 
 def find_exports(root: str = DEFAULT_RUN) -> List[str]:
@@ -79,7 +75,7 @@ class Segmenter:
     backend: "auto" (TensorRT, then ONNX Runtime, then PyTorch; any GPU before the CPU), "trt",
     "ort", "torch", or a Backend instance (export and device are then ignored).
     device: "cuda", "cpu" or None for the best one present.
-    streams: how many videos run at once (tbn-run --streams; see tbn_runtime.lanes): each has
+    streams: how many videos run at once (tbn-run --streams; see tbn_runtime.driver): each has
     its own ring, and their frames share the engine calls (`segment_many`).
     threads: CPU threads of the engines (ONNX Runtime's intra-op pool, or torch's), for several
     processes sharing a machine (tbn-run --ray); default: one per core.
@@ -183,34 +179,29 @@ class Segmenter:
         max_frames: stop after this many frames in all. Raises SourceError when a video cannot
         be read (after yielding every frame before the failure).
         """
-        from .sources import DONE, END, ERROR, FRAME, VIDEO, ReadAhead, open_source
+        from .decoder import Failed, Frame, ReadAhead, VideoStart
+        from .sources import videos_of
 
-        videos = open_source(source) if isinstance(source, (str, os.PathLike)) else list(source)
-        reader = ReadAhead(videos, depth=queue_depth, max_frames=max_frames)
-        video, index = None, 0
+        reader = ReadAhead(videos_of(source), depth=queue_depth, max_frames=max_frames)
+        index = 0
         try:
             for event in reader:
-                kind = event[0]
-                self.decode_queue_peak = max(self.decode_queue_peak, reader.queue.qsize() + 1)
-                if kind == FRAME:
-                    _, name, frame, decode_s = event
-                    self.timings["decode"] += decode_s
-                    if skip is not None and skip(video.name, name, frame):
-                        self.push(frame)
+                self.decode_queue_peak = max(self.decode_queue_peak, reader.waiting() + 1)
+                if isinstance(event, Frame):
+                    self.timings["decode"] += event.decode_s
+                    if skip is not None and skip(event.video.name, event.name, event.image):
+                        self.push(event.image)
                         labels = None
                     else:
-                        labels = self.segment(frame)
-                    yield Result(video.name, name, index, frame, labels, video.fps)
+                        labels = self.segment(event.image)
+                    yield Result(event.video.name, event.name, index, event.image, labels,
+                                 event.video.fps)
                     index += 1
-                elif kind == VIDEO:
-                    video, index = event[1], 0
+                elif isinstance(event, VideoStart):
+                    index = 0
                     self.reset()
-                elif kind == ERROR:
-                    raise event[1]
-                elif kind == DONE:
-                    return
-                elif kind != END:
-                    raise AssertionError(f"unknown decoder event {kind}")
+                elif isinstance(event, Failed):
+                    raise event.error
         finally:
             reader.close()
 

@@ -11,22 +11,20 @@ its frames; image folders keep their files' names.
 
 `Video.frames()` raises SourceError if the video turns out to be empty, or breaks off before
 the frame count its container announces (truncated); frames already yielded stay valid.
-`ReadAhead` runs a source in a decoder thread that fills a bounded queue.
+`tbn_runtime.decoder.ReadAhead` decodes videos ahead in a thread.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import re
-import threading
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 
+from .errors import TbnError
 from .files import UnsafePathError, inside
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".ts")
@@ -34,7 +32,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
-class SourceError(RuntimeError):
+class SourceError(TbnError, RuntimeError):
     """A source that cannot be read; the message names it and says what went wrong."""
 
 
@@ -158,12 +156,22 @@ def _folder(path: str) -> List[Video]:
 
 
 def _lazy_video(path: str) -> Video:
-    """A video of a folder, opened only when its turn comes (one decoder open at a time)."""
+    """A video of a folder, decoded only when its turn comes (one decoder open at a time); its
+    frame rate and frame count are read now, the capture closed again. A file that does not
+    open now fails when its turn comes, with its reason, and the folder's others go on."""
     name = os.path.splitext(os.path.basename(path))[0]
+    fps, count = 25.0, None
+    cap = cv2.VideoCapture(path)
+    try:
+        if cap.isOpened():
+            rate, n = cap.get(cv2.CAP_PROP_FPS), int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            fps, count = (float(rate) if 0 < rate < 1000 else 25.0), (n if n > 0 else None)
+    finally:
+        cap.release()
 
     def frames() -> Iterator[Tuple[str, np.ndarray]]:
         yield from _video_file(path, name).frames()
-    return Video(name, "file", path, 25.0, None, frames)
+    return Video(name, "file", path, fps, count, frames)
 
 
 def _stream(origin, name: str, kind: str, what: str) -> Video:
@@ -232,6 +240,13 @@ def open_source(source: str) -> List[Video]:
     return [_video_file(source)]
 
 
+def videos_of(source: Union[str, "os.PathLike[str]", Sequence[Video]]) -> List[Video]:
+    """The videos of a source (see open_source), or of a list of Video as given."""
+    if isinstance(source, (str, os.PathLike)):
+        return open_source(os.fspath(source))
+    return list(source)
+
+
 def _seek(cap: "cv2.VideoCapture", index: int) -> None:
     """Position a capture at frame `index`. OpenCV's FFmpeg reader seeks to the keyframe before
     and decodes forward to the frame whose timestamp is index / fps: frame-exact for constant
@@ -261,86 +276,3 @@ def frames_from(kind: str, origin: str, start: int,
     elif start:
         _seek(cap, start)
     return _capture_frames(cap, origin, count if count > 0 else None, first=start)
-
-
-# -- the decoder thread ------------------------------------------------------------------------
-VIDEO, FRAME, END, ERROR, DONE = "video", "frame", "end", "error", "done"
-
-
-class ReadAhead:
-    """Decode a source in a thread into a bounded queue of events.
-
-    Events: (VIDEO, Video), (FRAME, name, frame_bgr, decode_seconds), (END, Video),
-    (ERROR, SourceError), (DONE,). The queue holds at most `depth` events, so memory stays flat
-    however long the stream. `close()` stops the thread (also mid-video) and joins it.
-    """
-
-    def __init__(self, videos: List[Video], depth: int = 8,
-                 max_frames: Optional[int] = None,
-                 notify: Optional[threading.Event] = None) -> None:
-        self.queue: "queue.Queue[tuple]" = queue.Queue(maxsize=depth)
-        self._videos = videos
-        self._max_frames = max_frames
-        self._notify = notify  # set after every event: a consumer of several readers waits on it
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="tbn-decoder", daemon=True)
-        self.thread.start()
-
-    def _put(self, item: tuple) -> bool:
-        while not self._stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-            except queue.Full:
-                continue
-            if self._notify is not None:
-                self._notify.set()
-            return True
-        return False
-
-    def _run(self) -> None:
-        left = self._max_frames
-        try:
-            for video in self._videos:
-                if left is not None and left <= 0:
-                    break
-                if not self._put((VIDEO, video)):
-                    return
-                it = video.frames()
-                try:
-                    while left is None or left > 0:
-                        t0 = time.perf_counter()
-                        try:
-                            name, frame = next(it)
-                        except StopIteration:
-                            break
-                        if not self._put((FRAME, name, frame, time.perf_counter() - t0)):
-                            return
-                        if left is not None:
-                            left -= 1
-                finally:
-                    close = getattr(it, "close", None)
-                    if close is not None:
-                        close()
-                if not self._put((END, video)):
-                    return
-            self._put((DONE,))
-        except SourceError as e:
-            self._put((ERROR, e))
-        except Exception as e:  # a decoder crash must reach the main thread, not vanish
-            self._put((ERROR, SourceError(f"decoding failed: {type(e).__name__}: {e}")))
-
-    def __iter__(self) -> Iterator[tuple]:
-        while True:
-            item = self.queue.get()
-            yield item
-            if item[0] in (DONE, ERROR):
-                return
-
-    def close(self) -> None:
-        self._stop.set()
-        while self.thread.is_alive():
-            try:
-                self.queue.get_nowait()
-            except queue.Empty:
-                pass
-            self.thread.join(timeout=0.05)

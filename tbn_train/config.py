@@ -4,8 +4,8 @@ Order of precedence: dataclass defaults (tbn_swin_l's settings) < `--preset NAME
 (tbn_train/configs/NAME.yaml) or `--config FILE` < CLI flags (`--lr 0.01`, `--iters 100`,
 `--set key=value`). `tbn-train --resume` without a preset or config file starts from the
 config the run was trained with instead of the defaults. Unknown presets and fields raise
-ValueError with the known names. FIELD_HELP explains every field (the --help of tbn-train);
-RESUME_SAFE lists the fields --resume may change.
+ConfigError (a ValueError) with the known names. FIELD_HELP explains every field (the --help of
+tbn-train); RESUME_SAFE lists the fields --resume may change.
 """
 
 import argparse
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
+
+from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 AMP_MODES = ("none", "bf16", "fp16")
@@ -162,22 +164,22 @@ def list_presets() -> List[str]:
 def _coerce(key: str, value: Any) -> Any:
     """Check and convert one field value from YAML/CLI."""
     if key not in FIELDS:
-        raise ValueError(f"unknown config field '{key}'; known fields: {', '.join(FIELDS)}")
+        raise ConfigError(f"unknown config field '{key}'; known fields: {', '.join(FIELDS)}")
     if key in _TUPLES:
         if isinstance(value, str):
             value = value.replace("x", ",").split(",")
         if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise ValueError(f"{key} must be two numbers, got {value!r}")
+            raise ConfigError(f"{key} must be two numbers, got {value!r}")
         return tuple(_TUPLES[key](v) for v in value)
     if key in _BOOLS:
         if isinstance(value, str):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"{key} must be true or false, got {value!r}")
+                raise ConfigError(f"{key} must be true or false, got {value!r}")
             return value.lower() in ("true", "1", "yes")
         return bool(value)
     if key == "model_kwargs":
         if not isinstance(value, dict):
-            raise ValueError(f"model_kwargs must be a mapping, got {value!r}")
+            raise ConfigError(f"model_kwargs must be a mapping, got {value!r}")
         return dict(value)
     if key == "pretrained":
         return None if value in (None, "", "none", "null") else str(value)
@@ -192,7 +194,7 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(default, float):
             return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{key} must be a {type(default).__name__}, got {value!r}") from None
+        raise ConfigError(f"{key} must be a {type(default).__name__}, got {value!r}") from None
     return str(value)
 
 
@@ -200,18 +202,18 @@ def load_yaml(path: Path) -> Dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as e:
-        raise ValueError(f"cannot read config {path}: {e.strerror or e}") from e
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
     except yaml.YAMLError as e:
-        raise ValueError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"config {path} must be a mapping of field: value")
+        raise ConfigError(f"config {path} must be a mapping of field: value")
     return data
 
 
 def preset_path(name: str) -> Path:
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown preset '{name}'; known presets: {', '.join(list_presets())}")
+        raise ConfigError(f"unknown preset '{name}'; known presets: {', '.join(list_presets())}")
     return path
 
 
@@ -220,7 +222,7 @@ def make_config(preset: Optional[str] = None, config_file: Optional[str] = None,
     """Defaults, then a preset or a YAML file, then overrides; validated."""
     values: Dict[str, Any] = {}
     if preset and config_file:
-        raise ValueError("pass --preset or --config, not both")
+        raise ConfigError("pass --preset or --config, not both")
     if preset:
         values.update(load_yaml(preset_path(preset)))
     if config_file:
@@ -233,24 +235,24 @@ def make_config(preset: Optional[str] = None, config_file: Optional[str] = None,
 
 def validate(cfg: TrainConfig) -> None:
     if cfg.amp not in AMP_MODES:
-        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got '{cfg.amp}'")
+        raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got '{cfg.amp}'")
     for key in ("loss", "stage2_loss"):
         if getattr(cfg, key) not in LOSSES:
-            raise ValueError(f"{key} must be one of {', '.join(LOSSES)}, got "
+            raise ConfigError(f"{key} must be one of {', '.join(LOSSES)}, got "
                              f"'{getattr(cfg, key)}'")
     if cfg.iters <= 0 and cfg.epochs <= 0:
-        raise ValueError("set iters or epochs to a positive number")
+        raise ConfigError("set iters or epochs to a positive number")
     for key in ("batch_size", "accum", "eval_interval", "log_interval"):
         if getattr(cfg, key) < 1:
-            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.save_minutes < 0:
-        raise ValueError(f"save_minutes must be >= 0 (0: off), got {cfg.save_minutes}")
+        raise ConfigError(f"save_minutes must be >= 0 (0: off), got {cfg.save_minutes}")
     if cfg.num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")
+        raise ConfigError(f"num_classes must be >= 1, got {cfg.num_classes}")
     if cfg.lr <= 0 or cfg.stage2_lr_context < 0 or cfg.stage2_lr_rest <= 0:
-        raise ValueError("learning rates must be positive")
+        raise ConfigError("learning rates must be positive")
     if not 0 < cfg.ohem_thresh <= 1 or cfg.ohem_min_kept < 0:
-        raise ValueError("ohem_thresh must be in (0, 1] and ohem_min_kept >= 0")
+        raise ConfigError("ohem_thresh must be in (0, 1] and ohem_min_kept >= 0")
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -317,7 +319,7 @@ def overrides_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for item in args.set_values:
         if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got '{item}'")
+            raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
         key, value = item.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
     for name in FIELDS:

@@ -1,7 +1,9 @@
 """Why a tbn_train command ends early: each error carries one line that names the cause and
 the fix, and the commands turn it into that line and an exit code, never a traceback.
 
-Nothing here imports torch, so the command lines can catch these before torch is loaded.
+Each derives from tbn_runtime.errors.TbnError, which tbn_runtime.console.run_command turns into
+the `prog: error: ...` line every command writes. Nothing here imports torch, so the command
+lines can catch these before torch is loaded.
 `DatasetError` is also importable from `tbn_train.data.vspw`, `CheckpointError` from
 `tbn_train.checkpoint`.
 """
@@ -9,8 +11,17 @@ Nothing here imports torch, so the command lines can catch these before torch is
 import logging
 from typing import Optional
 
+from tbn_runtime.errors import TbnError, UsageError
 
-class DatasetError(Exception):
+__all__ = ["TbnError", "UsageError", "ConfigError", "DatasetError", "CheckpointError",
+           "NonFiniteLoss", "TrainingStopped"]
+
+
+class ConfigError(UsageError):
+    """A training config or flag that cannot be used (a ValueError too); names the field."""
+
+
+class DatasetError(TbnError):
     """A problem with the dataset on disk; the message names the file and the fix.
 
     A DataLoader worker hands its exception to the main process as a class and a formatted
@@ -29,16 +40,17 @@ class DatasetError(Exception):
         super().__init__(text)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TbnError, ValueError):
     """A checkpoint or training state that cannot be used; the message names the file and the
     fix."""
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; nothing of the bad step is saved."""
+class NonFiniteLoss(TbnError, RuntimeError):
+    """The loss became NaN or infinite; nothing of the bad step is saved (exit 3)."""
+    exit_code = 3
 
 
-class TrainingStopped(Exception):
+class TrainingStopped(TbnError):
     """Training stopped early with its last completed step saved (a signal, a data error).
 
     `exit_code`: 128 + the signal number (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1), 2 for a data

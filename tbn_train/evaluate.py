@@ -31,7 +31,7 @@ from tbn_runtime.metrics import SegMetrics, format_table
 from tbn_runtime.preprocess import normalize_bgr
 from tbn_runtime.temporal import FeatureRing
 
-from .errors import CheckpointError, DatasetError
+from .errors import DatasetError
 
 if TYPE_CHECKING:
     import torch
@@ -249,24 +249,18 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None) -> int:
-    cli.setup_logging("tbn-eval")
-    try:
+    def body() -> int:
         args = build_parser().parse_args(argv)
         cli.setup_logging("tbn-eval", args.verbose, args.quiet)
         result = evaluate(args)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except (DatasetError, CheckpointError, ValueError) as e:
-        log.error(str(e))
-        return 2
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
-    print(format_table(result))
-    if args.out:
-        text = json.dumps(result, indent=1) + "\n"
-        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
-    return 0
+        print(format_table(result))
+        if args.out:
+            text = json.dumps(result, indent=1) + "\n"
+            atomic_write(args.out, lambda tmp: Path(tmp).write_text(text))
+        return 0
+
+    # ValueError: predictions whose values are not train ids, the model's own checks
+    return cli.run_command("tbn-eval", body, user_errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ implementation.
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque, List, Sequence
+from typing import Deque
 
 import numpy as np
 import torch
@@ -64,10 +64,3 @@ class ClipReference:
     def labels(self, frame: np.ndarray) -> np.ndarray:
         """uint8 H x W train ids of the next frame (argmax of the logits)."""
         return self.logits(frame)[0].argmax(0).to(torch.uint8).cpu().numpy()
-
-
-def clip_labels(model: torch.nn.Module, frames: Sequence[np.ndarray],
-                device: str = "cpu") -> List[np.ndarray]:
-    """The reference labels of every frame of one video."""
-    ref = ClipReference(model, device)
-    return [ref.labels(f) for f in frames]

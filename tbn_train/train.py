@@ -45,7 +45,7 @@ from tbn_runtime.files import atomic_write
 
 from .config import (FIELDS, TrainConfig, add_override_args, list_presets, make_config,
                      overrides_from_args)
-from .errors import CheckpointError, DatasetError, NonFiniteLoss, TrainingStopped
+from .errors import CheckpointError, DatasetError
 
 # torch and everything built on it are imported in main() after the arguments are parsed, so
 # --help and argument mistakes answer at once.
@@ -218,9 +218,10 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    cli.setup_logging(PROG)
     dist_utils = None
-    try:
+
+    def body() -> int:
+        nonlocal dist_utils
         args = build_parser(argv).parse_args(argv)
         cli.setup_logging(PROG, args.verbose, args.quiet)
         cfg = load_config(args)
@@ -233,20 +234,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         # can abort in gloo's threads at exit ("terminate called without an active exception")
         dist_utils.barrier(info)
         return 0
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except TrainingStopped as e:
-        log.log(e.level, str(e))
-        return e.exit_code
-    except (DatasetError, CheckpointError, ValueError) as e:
-        log.error(str(e))
-        return 2
-    except NonFiniteLoss as e:
-        log.error(str(e))
-        return 3
-    except KeyboardInterrupt:  # before training started: nothing to save
-        log.error("interrupted before training started; nothing was saved")
-        return 130
+
+    try:
+        # signals are tbn_train.preemption's (the step is saved first); ValueError: the
+        # model's and data's own checks of a config
+        return cli.run_command(PROG, body, sigterm=False, user_errors=(ValueError,),
+                               interrupted="interrupted before training started; nothing "
+                                           "was saved")
     finally:
         if dist_utils is not None:
             dist_utils.cleanup()

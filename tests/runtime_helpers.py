@@ -49,15 +49,10 @@ def write_video(path: str, frames: Sequence[np.ndarray], fourcc: str = "mp4v",
 
 
 def decode(path: str) -> List[np.ndarray]:
-    cap = cv2.VideoCapture(path)
-    frames = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            break
-        frames.append(f)
-    cap.release()
-    return frames
+    """Every frame of a video file, read as tbn-run reads it (tbn_runtime.sources)."""
+    from tbn_runtime.sources import open_source
+
+    return [frame for _, frame in open_source(path)[0].frames()]
 
 
 _REFS: Dict[str, List[np.ndarray]] = {}

@@ -84,3 +84,67 @@ def test_help_states_each_default_once_and_only_a_real_one(module):
     assert "(default: auto)" in flat  # a real default is still shown
     for option in re.split(r"\s(?=--?[a-z])", flat):
         assert option.count("(default") <= 1, option
+
+
+# -- one command wrapper, one error format, one set of exit codes ---------------------------------
+@pytest.mark.parametrize("module, prog", [("tbn_runtime.cli", "tbn-run"),
+                                          ("tbn_train.train", "tbn-train"),
+                                          ("tbn_train.evaluate", "tbn-eval"),
+                                          ("tbn_train.data.synth", "tbn-synth"),
+                                          ("tbn_export.cli", "tbn-export")])
+def test_every_command_says_a_mistake_in_one_error_line(module, prog, capsys):
+    import importlib
+
+    assert importlib.import_module(module).main(["--no-such-flag"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    assert f"see {prog} --help" in err[0]
+
+
+def test_run_command_exit_codes_and_lines(capsys, tmp_path):
+    from tbn_runtime.errors import Stopped, TbnError
+
+    class WorkFailed(TbnError):
+        exit_code = 1
+
+    def raising(e):
+        def body():
+            raise e
+        return body
+
+    cases = [(raising(TbnError("bad input: fix it\nsecond line")), 2,
+              "x: error: bad input: fix it"),
+             (raising(WorkFailed("a video failed")), 1, "x: error: a video failed"),
+             (raising(FileNotFoundError(2, "No such file or directory", str(tmp_path / "f"))),
+              2, f"x: error: {tmp_path / 'f'}: No such file or directory"),
+             (raising(KeyboardInterrupt()), 130, "x: warning: interrupted"),
+             (raising(Stopped()), 143, "x: warning: stopped (SIGTERM)"),
+             (lambda: 1, 1, None), (lambda: 0, 0, None)]
+    for body, code, line in cases:
+        assert cli.run_command("x", body) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ([line] if line else []), (code, err)
+    with pytest.raises(ValueError):   # not a user's mistake unless the command says so
+        cli.run_command("x", raising(ValueError("a bug")))
+    assert cli.run_command("x", raising(ValueError("n > 0")), user_errors=(ValueError,)) == 2
+
+
+def test_every_user_facing_error_is_a_tbn_error():
+    from tbn_export.errors import EngineBuildError, ExportError, Int8Error, VerifyError
+    from tbn_runtime.backends import BackendError
+    from tbn_runtime.cluster import ClusterError
+    from tbn_runtime.cuda import CudaError
+    from tbn_runtime.errors import TbnError, UsageError
+    from tbn_runtime.files import LockError
+    from tbn_runtime.manifest import ManifestError
+    from tbn_runtime.overlay import OverlayError
+    from tbn_runtime.sources import SourceError
+    from tbn_runtime.stream import StreamError
+    from tbn_train.errors import (CheckpointError, ConfigError, DatasetError, NonFiniteLoss,
+                                  TrainingStopped)
+
+    for cls in (EngineBuildError, ExportError, Int8Error, VerifyError, BackendError,
+                ClusterError, CudaError, UsageError, LockError, ManifestError, OverlayError,
+                SourceError, StreamError, CheckpointError, ConfigError, DatasetError,
+                NonFiniteLoss, TrainingStopped):
+        assert issubclass(cls, TbnError), cls

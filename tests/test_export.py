@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from export_helpers import graph_io, node_dtypes
 from tbn_export.cli import main
-from tbn_export.fp16 import FP32_OPS, node_dtypes
-from tbn_export.onnx_export import export_onnx, graph_io
+from tbn_export.fp16 import FP32_OPS
+from tbn_export.onnx_export import export_onnx
 from tbn_export.verify import (LABEL_AGREEMENT, compare, onnx_chain, synthetic_frames,
                                torch_chain, verify_export)
 from tbn_runtime.files import sha256_file

@@ -67,8 +67,9 @@ def test_truncated_video_keeps_what_was_written(export_dir, tmp_path):
     cut = tmp_path / "cut.avi"
     cut.write_bytes(data[:int(len(data) * 0.6)])
     out = tmp_path / "o"
-    line = one_line_error(tbn_run(str(cut), "--out", str(out), "--model", export_dir),
-                           "breaks off at frame", "truncated")
+    r = tbn_run(str(cut), "--out", str(out), "--model", export_dir)
+    assert r.returncode == 1, r.stderr   # work was done, then it failed: not a usage error (2)
+    line = one_line_error(r, "breaks off at frame", "truncated")
     n = int(line.split("breaks off at frame ")[1].split()[0])
     assert 0 < n < 30
     assert sorted(os.listdir(out / "cut")) == [f"{i:08d}.png" for i in range(n)]

@@ -13,12 +13,11 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from ..errors import BackendError
 from ..manifest import Manifest
 from ..temporal import FeatureRing
 
-
-class BackendError(RuntimeError):
-    """A backend that cannot run here (not installed, wrong GPU, bad engine); one-line message."""
+__all__ = ["Backend", "BackendError", "HostClock", "numpy_dtype"]
 
 
 class HostClock:
@@ -68,7 +67,6 @@ class Backend:
         self.batch_limit = self.streams
         self.height, self.width = int(manifest.height), int(manifest.width)
         self.timings: Dict[str, float] = {"feature": 0.0, "temporal": 0.0, "push": 0.0}
-        self.frames = 0
         self.rings: List[FeatureRing[Any]] = []
         self.clock: Any = HostClock()
 
@@ -158,7 +156,6 @@ class Backend:
             self.timings["temporal"] += self.clock.seconds(1, 2)
             for k, j in enumerate(want):
                 out[idx[j]] = labels[k]
-            self.frames += len(want)
         return out
 
     def push(self, frame: np.ndarray, stream: int = 0) -> None:

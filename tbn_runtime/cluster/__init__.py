@@ -7,11 +7,11 @@ One stateful Ray actor per GPU (or per `cpus_per_worker` cores of a node without
 the export once (a Segmenter) and streams chunks in frame order: whole videos, and videos longer
 than `chunk_frames` cut into consecutive chunks. A chunk that starts at frame s > 0 first pushes
 frames s - m .. s - 1 through the feature engine only, m = max(temporal offsets), so its ring
-holds what a single run's ring holds at frame s and every mask equals the single run's
-(`Segmenter.stream(skip=...)`). Masks go to OUT, a folder every node sees (a shared file
-system), each file written atomically by the worker that computed it. Ray does the rest: its
-ActorPool hands chunks to idle workers, and a worker that dies (killed, out of memory, its node
-lost) is restarted by Ray, which runs its chunk again (`max_restarts`, `max_task_retries`).
+holds what a single run's ring holds at frame s and every mask equals the single run's (the
+stream driver's `Job(lead=...)`, tbn_runtime.driver). Masks go to OUT, a folder every node
+sees (a shared file system), each file written atomically by the worker that computed it. Ray
+does the rest: its ActorPool hands chunks to idle workers, and a worker that dies (killed, out
+of memory, its node lost) is restarted by Ray, which runs its chunk again (`max_restarts`, `max_task_retries`).
 
 Reading a chunk (tbn_runtime.sources.frames_from): video files seek to s - m
 (CAP_PROP_POS_FRAMES), frame-exact for constant frame rate files but not promised for every

@@ -9,17 +9,16 @@ import json
 import os
 import shutil
 import socket
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..driver import Job, drive
 from ..files import atomic_write_text
 from ..outputs import MaskOutput
 from ..segmenter import Segmenter
 from ..sources import SourceError, Video, frames_from, open_source
-from ..stream import Writers
 
 #: frames per chunk: a chunk costs max(offsets) extra feature passes and one seek (decoding
 #: from the keyframe before it), about 1% here; smaller chunks share a long video out wider
@@ -124,7 +123,8 @@ def _digest(frame: np.ndarray) -> str:
 
 
 def run_chunk(seg: Segmenter, chunk: Chunk, out_dir: str, fmt: str, model: str) -> Dict[str, Any]:
-    """Segment one chunk into out_dir, then write its marker; returns the marker.
+    """Segment one chunk into out_dir through the stream driver (its lead frames to the
+    feature engine only), then write its marker; returns the marker.
     Raises SourceError when the video cannot be read (no marker then)."""
     first = chunk.start - chunk.lead
     video = Video(chunk.video, chunk.kind, chunk.origin,
@@ -133,31 +133,24 @@ def run_chunk(seg: Segmenter, chunk: Chunk, out_dir: str, fmt: str, model: str) 
            else MaskOutput(out_dir, fmt, seg.classes))
     lead: Dict[int, str] = {}
     tail: Dict[int, str] = {}
-    writers = Writers()
-    frames = 0
-    t0 = time.perf_counter()
-    out.begin_video(chunk.video)
-    try:
-        limit = None if chunk.end is None else chunk.end - first
-        # stream() asks skip() just before it yields the frame, so len(lead) counts the pushed
-        for r in seg.stream([video], skip=lambda *_: len(lead) < chunk.lead, max_frames=limit):
-            i = first + r.index
-            if r.labels is None:
-                lead[i] = _digest(r.frame)
-                continue
-            if chunk.end is not None and i >= chunk.end - chunk.tail:
-                tail[i] = _digest(r.frame)
-            writers.submit(out.write, chunk.video, r.name, i, r.labels)
-            frames += 1
-    finally:
-        writers.close()
+
+    def digest(job: Job, i: int, frame: np.ndarray, labels: Optional[np.ndarray]) -> None:
+        if labels is None:
+            lead[i] = _digest(frame)
+        elif chunk.end is not None and i >= chunk.end - chunk.tail:
+            tail[i] = _digest(frame)
+
+    job = Job(video, first=first, lead=chunk.lead,
+              frames=None if chunk.end is None else chunk.end - first)
+    result = drive(seg, [job], out, on_frame=digest)
+    if result.failed:
+        raise SourceError(result.failed[chunk.video])
+    frames = result.inferred
     if frames == 0:
         raise SourceError(f"{chunk.origin}: no frames from frame {chunk.start} on")
-    out.end_video(chunk.video)
-    seconds = time.perf_counter() - t0
     marker = {"video": chunk.video, "start": chunk.start, "end": chunk.start + frames,
-              "frames": frames, "seconds": round(seconds, 4),
-              "fps": round(frames / seconds, 3) if seconds > 0 else None,
+              "frames": frames, "seconds": round(result.wall_s, 4),
+              "fps": round(frames / result.wall_s, 3) if result.wall_s > 0 else None,
               "node": socket.gethostname(), "pid": os.getpid(), "backend": seg.describe(),
               "read": "decoded from frame 0" if chunk.exact else "seek", "format": fmt,
               "model": model, "lead": sorted(lead.items()), "tail": sorted(tail.items())}

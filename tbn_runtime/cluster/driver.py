@@ -16,11 +16,15 @@ import time
 from contextlib import ExitStack, contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
+from ..console import first_line as _first_line
+from ..console import progress_bar
+from ..driver import check_names
+from ..errors import TbnError
 from ..files import sha256_file, sweep_stale
 from ..manifest import MANIFEST_NAME, load_manifest
 from ..outputs import MaskOutput
 from ..segmenter import default_export
-from ..sources import SourceError, Video, open_source
+from ..sources import SourceError, Video, videos_of
 from .chunks import (DEFAULT_CHUNK_FRAMES, STATE_DIR, Chunk, ChunkWorker, join_coco,
                      marker_path, plan_video, read_marker, seek_mismatches, state_dir)
 
@@ -32,13 +36,8 @@ DEFAULT_CPUS_PER_WORKER = 4
 DEFAULT_RETRIES = 3
 
 
-class ClusterError(RuntimeError):
+class ClusterError(TbnError, RuntimeError):
     """Ray missing or unreachable, or no worker can start; one-line message."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _probe(address: str) -> None:
@@ -181,6 +180,105 @@ def _not_repeatable(chunks: Sequence[Chunk]) -> str:
             f"0; run tbn-run on it without --ray")
 
 
+class _Corpus:
+    """The state of one corpus run (see run_corpus): the plan, the markers of the chunks done,
+    the failures; Ray and the workers started on the first chunks to run."""
+
+    def __init__(self, out_dir: str, export: str, fmt: str, opts: Dict[str, Any]) -> None:
+        self.out_dir, self.export, self.fmt, self.opts = out_dir, export, fmt, opts
+        self.model = sha256_file(os.path.join(export, MANIFEST_NAME))
+        self.plan: Dict[str, List[Chunk]] = {}
+        self.finished: List[str] = []             # coco-rle videos complete before this run
+        self.markers: Dict[Chunk, Dict[str, Any]] = {}
+        self.resumed: Set[Chunk] = set()
+        self.failed: Dict[str, str] = {}
+        self.info: List[Dict[str, Any]] = []      # what each worker said when it loaded
+        self.redone: List[str] = []               # videos decoded from frame 0 after a seek
+        self.actors: List[Any] = []
+        self.bar: Any = None
+        self.ray: Any = None
+        self.start = time.perf_counter()
+        self.loaded: Optional[float] = None       # seconds until the workers had loaded
+
+    def fail(self, video: str, error: str) -> None:
+        if video not in self.failed:
+            self.failed[video] = error
+            log.error("%s", error)
+
+    def make_plan(self, videos: Sequence[Video], chunk_frames: int, history: int,
+                  resume: bool) -> List[Chunk]:
+        """Every video's chunks, the markers of those complete (resume); the chunks to run."""
+        done = MaskOutput(self.out_dir, self.fmt)
+        for v in videos:
+            if resume and self.fmt == "coco-rle" and done.video_complete(v.name):
+                self.finished.append(v.name)
+                continue
+            try:
+                self.plan[v.name] = plan_video(v, chunk_frames, history)
+            except SourceError as e:
+                self.fail(v.name, str(e))
+        for video, chunks in self.plan.items():
+            sweep_stale(state_dir(self.out_dir, video))
+            for c in chunks:
+                m = read_marker(self.out_dir, c, self.fmt, self.model) if resume else None
+                if m is not None:
+                    self.markers[c] = m
+        self.resumed = set(self.markers)
+        log.info("%d videos in %d chunks%s", len(self.plan), sum(map(len, self.plan.values())),
+                 f", {len(self.resumed)} done before" if self.resumed else "")
+        return [c for chunks in self.plan.values() for c in chunks if c not in self.markers]
+
+    def execute(self, stack: ExitStack, chunks: List[Chunk]) -> None:
+        """Run chunks on the workers (Ray and the workers started the first time)."""
+        if self.ray is None:
+            self.ray = stack.enter_context(ray_session(self.opts["address"],
+                                                       self.opts["verbose"]))
+            args = (self.export, self.opts["backend"], self.opts["device"], self.out_dir,
+                    self.fmt, self.model)
+            self.actors, self.info = start_workers(
+                self.ray, args, self.opts["device"], workers=self.opts["workers"],
+                cpus_per_worker=self.opts["cpus_per_worker"], retries=self.opts["retries"])
+            self.loaded = time.perf_counter() - self.start
+            stack.callback(lambda: [self.ray.kill(a) for a in self.actors])
+            log.info("%d worker%s: %s", len(self.actors), "s" * (len(self.actors) != 1),
+                     self.info[0]["backend"])
+            self.bar = stack.enter_context(progress_bar(
+                0, "", self.opts["progress"] and sys.stderr.isatty(), unit="frame"))
+        self.bar.total += sum(c.size for c in chunks)
+        self.bar.refresh()
+        done, errors = run_chunks(self.ray, self.actors, chunks, self.bar)
+        self.markers.update(done)
+        for c, error in errors.items():
+            self.fail(c.video, error)
+
+    def bad_seeks(self) -> List[Chunk]:
+        """Where a seek landed on another frame: the video's later chunks again, decoded from
+        frame 0 (their markers removed); a video whose chunks were decoded so already fails."""
+        redo = []
+        for video, chunks in self.plan.items():
+            if video in self.failed or not seek_mismatches([self.markers[c] for c in chunks]):
+                continue
+            seeked = [c for c in chunks if c.start and self.markers[c]["read"] == "seek"]
+            if not seeked:
+                self.fail(video, _not_repeatable(chunks))
+                continue
+            log.warning("%s: seeking is not frame-exact for this file; its chunks after the "
+                        "first are done again, decoded from frame 0", chunks[0].origin)
+            self.redone.append(video)
+            for c in seeked:
+                os.remove(marker_path(self.out_dir, c))
+                del self.markers[c]
+                self.resumed.discard(c)
+                redo.append(dataclasses.replace(c, exact=True))
+        return redo
+
+    def check_redone(self) -> None:
+        for video in self.redone:
+            if video not in self.failed and seek_mismatches([self.markers[c]
+                                                             for c in self.plan[video]]):
+                self.fail(video, _not_repeatable(self.plan[video]))
+
+
 def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
                export: Optional[str] = None, backend: str = "auto",
                device: Optional[str] = None, fmt: str = "png", address: Optional[str] = None,
@@ -198,111 +296,33 @@ def run_corpus(source: Union[str, Sequence[Video]], out_dir: str, *,
     ClusterError (Ray missing or unreachable, no worker can start), ManifestError and
     SourceError.
     """
-    from tqdm import tqdm
-
-    chunk_frames = DEFAULT_CHUNK_FRAMES if chunk_frames is None else chunk_frames
     export = os.path.abspath(export or default_export())
-    model = sha256_file(os.path.join(export, MANIFEST_NAME))
     history = max([int(k) for k in load_manifest(export).temporal_offsets] + [1])
     out_dir = os.path.abspath(out_dir)
-    videos = open_source(source) if isinstance(source, (str, os.PathLike)) else list(source)
-    seen: Dict[str, str] = {}
-    for v in videos:
-        if seen.setdefault(v.name, v.origin) != v.origin:
-            raise SourceError(f"{seen[v.name]} and {v.origin} would both write {v.name}/ in "
-                              f"{out_dir}; rename one")
+    videos = videos_of(source)
+    check_names(videos, out_dir)
     if not resume:
         shutil.rmtree(os.path.join(out_dir, STATE_DIR), ignore_errors=True)
-    failed: Dict[str, str] = {}
-
-    def fail(video: str, error: str) -> None:
-        if video not in failed:
-            failed[video] = error
-            log.warning("%s", error)
-
-    plan: Dict[str, List[Chunk]] = {}
-    finished: List[str] = []                      # coco-rle videos complete before this run
-    for v in videos:
-        if resume and fmt == "coco-rle" and MaskOutput(out_dir, fmt).video_complete(v.name):
-            finished.append(v.name)
-        else:
-            try:
-                plan[v.name] = plan_video(v, chunk_frames, history)
-            except SourceError as e:
-                fail(v.name, str(e))
-    markers: Dict[Chunk, Dict[str, Any]] = {}
-    for video, chunks in plan.items():
-        sweep_stale(state_dir(out_dir, video))
-        for c in chunks:
-            m = read_marker(out_dir, c, fmt, model) if resume else None
-            if m is not None:
-                markers[c] = m
-    resumed: Set[Chunk] = set(markers)
-    todo = [c for chunks in plan.values() for c in chunks if c not in markers]
-    log.info("%d videos in %d chunks%s", len(plan), sum(map(len, plan.values())),
-             f", {len(resumed)} done before" if resumed else "")
-
-    start = time.perf_counter()
-    info: List[Dict[str, Any]] = []
-    loaded: List[float] = []                       # seconds until the workers had loaded
-    redone: List[str] = []
+    run = _Corpus(out_dir, export, fmt, dict(
+        address=address, verbose=verbose, backend=backend, device=device, workers=workers,
+        cpus_per_worker=cpus_per_worker, retries=retries, progress=progress))
+    todo = run.make_plan(videos, DEFAULT_CHUNK_FRAMES if chunk_frames is None else chunk_frames,
+                         history, resume)
     with ExitStack() as stack:                    # unwinds: bar, workers, Ray
-        actors: List[Any] = []
-        bar: List[Any] = []                       # one progress bar over the whole corpus
-
-        def execute(chunks: List[Chunk]) -> None:
-            ray = stack.enter_context(ray_session(address, verbose))  # once: then a no-op
-            if not actors:
-                args = (export, backend, device, out_dir, fmt, model)
-                started, said = start_workers(ray, args, device, workers=workers,
-                                              cpus_per_worker=cpus_per_worker, retries=retries)
-                actors.extend(started)
-                info.extend(said)
-                loaded.append(time.perf_counter() - start)
-                stack.callback(lambda: [ray.kill(a) for a in actors])
-                log.info("%d worker%s: %s", len(actors), "s" * (len(actors) != 1),
-                         info[0]["backend"])
-                bar.append(stack.enter_context(tqdm(
-                    total=0, unit="frame", disable=not progress, file=sys.stderr,
-                    dynamic_ncols=True, smoothing=0.1)))
-            bar[0].total += sum(c.size for c in chunks)
-            bar[0].refresh()
-            done, errors = run_chunks(ray, actors, chunks, bar[0])
-            markers.update(done)
-            for c, error in errors.items():
-                fail(c.video, error)
-
         if todo:
-            execute(todo)
-        # where a seek landed on another frame, decode the video's later chunks from frame 0
-        redo = []
-        for video, chunks in plan.items():
-            if video in failed or not seek_mismatches([markers[c] for c in chunks]):
-                continue
-            seeked = [c for c in chunks if c.start and markers[c]["read"] == "seek"]
-            if not seeked:
-                fail(video, _not_repeatable(chunks))
-                continue
-            log.warning("%s: seeking is not frame-exact for this file; its chunks after the "
-                        "first are done again, decoded from frame 0", chunks[0].origin)
-            redone.append(video)
-            for c in seeked:
-                os.remove(marker_path(out_dir, c))
-                del markers[c]
-                resumed.discard(c)
-                redo.append(dataclasses.replace(c, exact=True))
+            run.execute(stack, todo)
+        redo = run.bad_seeks()
         if redo:
-            execute(redo)
-            for video in redone:
-                if video not in failed and seek_mismatches([markers[c] for c in plan[video]]):
-                    fail(video, _not_repeatable(plan[video]))
-    wall = time.perf_counter() - start
-    for video, chunks in plan.items():
+            run.execute(stack, redo)
+            run.check_redone()
+    wall = time.perf_counter() - run.start
+    for video, chunks in run.plan.items():
         sweep_stale(os.path.join(out_dir, video))  # temporaries of workers killed mid-write
-        if fmt == "coco-rle" and video not in failed:
+        if fmt == "coco-rle" and video not in run.failed:
             join_coco(out_dir, chunks)
-    stats = _summary(plan, markers, resumed, failed, finished, info, fmt, wall, redone)
-    stats["startup_s"] = round(loaded[0], 3) if loaded else None
+    stats = _summary(run.plan, run.markers, run.resumed, run.failed, run.finished, run.info,
+                     fmt, wall, run.redone)
+    stats["startup_s"] = round(run.loaded, 3) if run.loaded is not None else None
     return stats
 
 

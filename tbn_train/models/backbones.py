@@ -25,8 +25,10 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d
 
+from tbn_runtime.errors import TbnError
 
-class BackboneError(ValueError):
+
+class BackboneError(TbnError, ValueError):
     """A backbone that cannot be built or loaded as asked; the message says how to fix it."""
 
 
