@@ -98,8 +98,13 @@ def upsampled_argmax(logits: torch.Tensor, out_size: Tuple[int, int], stride: in
     padded = F.pad(logits, (1, 1, 1, 1), mode="replicate")            # [b, c, h+2, w+2]
     corner_max = F.max_pool2d(padded, 2, stride=1)                       # [b, c, h+1, w+1]
     cand = corner_max.topk(k, dim=1).indices                             # [b, k, h+1, w+1]
-    corners = [torch.gather(padded[:, :, dy:dy + h + 1, dx:dx + w + 1], 1, cand)
-               for dy in (0, 1) for dx in (0, 1)]
+    # The corner (dy, dx) of cell (i, j) is padded[..., i + dy, j + dx]. Gather from the whole
+    # padded map with the candidates shifted into place, then crop (the same values): gathering
+    # from a crop of it, OpenVINO (2026.4) folds the crop that starts at 0 into the gather and
+    # then refuses the smaller index ("data and indices must have equal or intersecting
+    # dimensions"); with data and indices of one shape there is nothing to fold.
+    corners = [torch.gather(padded, 1, F.pad(cand, (dx, 1 - dx, dy, 1 - dy)))
+               [:, :, dy:dy + h + 1, dx:dx + w + 1] for dy in (0, 1) for dx in (0, 1)]
     values = torch.stack(corners, 2).flatten(3)                          # [b, k, 4, cells]
     # Output pixel x sits at (x + 0.5) / s + 0.5 in padded coordinates: cell floor(.), and
     # sub-pixel t = 0..s-1 of a cell (the cell starts at x = s * cell - s // 2) has fraction:

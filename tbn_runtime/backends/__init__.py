@@ -22,13 +22,14 @@ from .base import Backend, BackendError
 _REGISTRY: Dict[str, str] = {
     "trt": "tbn_runtime.backends.trt:TrtBackend",
     "ort": "tbn_runtime.backends.ort:OrtBackend",
+    "openvino": "tbn_runtime.backends.openvino:OpenVinoBackend",
     "torch": "tbn_runtime.backends.torch_backend:TorchBackend",
 }
 BACKENDS: Tuple[str, ...] = tuple(_REGISTRY)
 DEVICES = ("cpu", "cuda")
 #: what `auto` tries, in order: every GPU backend before any CPU backend
-AUTO_ORDER = (("trt", "cuda"), ("ort", "cuda"), ("torch", "cuda"), ("ort", "cpu"),
-              ("torch", "cpu"))
+AUTO_ORDER = (("trt", "cuda"), ("ort", "cuda"), ("torch", "cuda"), ("openvino", "cpu"),
+              ("ort", "cpu"), ("torch", "cpu"))
 
 
 def backend_class(name: str) -> Type[Backend]:
