@@ -272,15 +272,30 @@ def _fix_output_dtype(model: onnx.ModelProto, name: str, elem_type: int) -> None
 
 
 # -- the export ------------------------------------------------------------------------------------
+#: what a bf16 export's engines compute in. The graphs stay fp32 and the runtime is told the
+#: precision: OpenVINO's bf16 is a setting on a float graph (INFERENCE_PRECISION_HINT; its CPU
+#: plugin chooses which ops run in bf16), PyTorch casts its weights, and ONNX Runtime, which
+#: has no bf16 CPU kernels, would gain nothing from a bf16-typed file; one fp32 file is also
+#: one verified graph. (A TensorRT bf16 engine, strongly typed, would need a bf16-typed graph:
+#: not built.) The temporal graph stays fp32, as for int8: its label arithmetic (the
+#: interpolation and the argmax over close logits) is what an 8-bit mantissa hurts most.
+BF16_COMPUTE = {"graph": "fp32", "feature": "bf16", "temporal": "fp32"}
+
+
 def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: bool = False,
                 logits: bool = False, checkpoint_path: Optional[str] = None,
-                max_batch: int = MAX_BATCH) -> Manifest:
+                max_batch: int = MAX_BATCH, bf16: bool = False) -> Manifest:
     """Write feature.onnx, temporal.onnx and manifest.json for `model` into out_dir.
+
+    bf16=True: fp32 graphs whose manifest asks the runtime to compute the feature engine in
+    bf16 (BF16_COMPUTE); precision "bf16".
 
     The model is put in eval mode. The files are written in place (each one atomically); the
     CLI exports into a temporary directory and renames it, so a whole export appears at once.
     """
     height, width = check_export_size(height, width)
+    if fp16 and bf16:
+        raise ExportError("fp16 and bf16 exclude each other; choose one")
     # The auxiliary training heads (aux16/aux32) are not on the path frame_features ->
     # temporal_head, so tracing leaves them out; check_graph rejects training-only nodes.
     model = model.eval()
@@ -340,7 +355,8 @@ def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: b
         feature_shape=expected,
         feature_dtype=feature_dtype,
         temporal_offsets=offsets,
-        precision="fp16" if fp16 else "fp32",
+        precision="fp16" if fp16 else "bf16" if bf16 else "fp32",
+        compute_precision=dict(BF16_COMPUTE) if bf16 else None,
         past_inputs=past_names,
         logits_output="logits" if logits else None,
         max_batch=int(max_batch),

@@ -122,14 +122,17 @@ class OpenVinoBackend(Backend):
                             self.cache_dir, e.strerror or e)
                 self.cache_dir = None
         self.precision = manifest.precision
-        want = _HINT[self.precision]
+        compute = manifest.compute_precision or {}
+        want = _HINT.get(compute.get("feature", ""), _HINT[self.precision])
+        temporal = _HINT.get(compute.get("temporal", ""), "f32")
         self.note = ""
         if want == "bf16" and not native_bf16(self.core):
             want = "f32"
             self.note = ("this CPU has no native bf16 (no AMX / AVX512-BF16): the bf16 export "
                          "runs in f32")
             log.warning("openvino: %s", self.note)
-        self.feature_precision, self.temporal_precision = want, "f32"
+        if temporal == "bf16" and self.note:
+            temporal = "f32"
         feature_path = manifest.verify_file(export_dir, "feature.onnx")
         temporal_path = manifest.verify_file(export_dir, "temporal.onnx")
         # one stream, or async requests: batch 1, static (fastest on the CPU); batch: dynamic
@@ -143,9 +146,10 @@ class OpenVinoBackend(Backend):
         self.feature_model = self._compile(feature_path, batch,
                                            dict(config, INFERENCE_PRECISION_HINT=want))
         self.temporal_model = self._compile(temporal_path, batch,
-                                            dict(config, INFERENCE_PRECISION_HINT="f32"))
-        got = str(self.feature_model.get_property("INFERENCE_PRECISION_HINT"))
-        self.runs_at = {"float32": "f32", "bf16": "bf16", "f32": "f32"}.get(got, got)
+                                            dict(config, INFERENCE_PRECISION_HINT=temporal))
+        #: what OpenVINO says each compiled graph computes in ("f32", "bf16")
+        self.runs_at = tuple(self._precision_of(m) for m in (self.feature_model,
+                                                              self.temporal_model))
         self._check_names()
         self._fshape = [int(d) for d in manifest.feature_shape][1:]
         self._fdtype = numpy_dtype(manifest.feature_dtype)
@@ -171,6 +175,11 @@ class OpenVinoBackend(Backend):
             text = str(e).strip()
             first = next((ln for ln in reversed(text.splitlines()) if ln.strip()), type(e).__name__)
             raise BackendError(f"OpenVINO cannot load {path}: {first.strip()}") from e
+
+    @staticmethod
+    def _precision_of(compiled: Any) -> str:
+        got = compiled.get_property("INFERENCE_PRECISION_HINT")
+        return got.to_string() if hasattr(got, "to_string") else str(got)
 
     def _check_names(self) -> None:
         m = self.manifest
@@ -201,13 +210,12 @@ class OpenVinoBackend(Backend):
 
     def describe(self) -> str:
         ov_version = self._ov.__version__.split("-")[0]
-        asked = {"f32": "fp32", "bf16": "bf16"}[_HINT[self.precision]]
-        at = f"feature graph in {self.runs_at}, temporal in f32"
+        at = f"feature graph in {self.runs_at[0]}, temporal in {self.runs_at[1]}"
         if self.precision == "fp16":
             at += " (the fp16 graph computed in f32)"
         if self.note:
             at += f"; {self.note}"
-        elif asked == "bf16":
+        elif self.precision == "bf16":
             at += " (native bf16)"
         streams = ""
         if self.streams > 1:

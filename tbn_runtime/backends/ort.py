@@ -16,6 +16,8 @@ from ..manifest import BATCH_AXIS, Manifest
 from .base import Backend, BackendError, numpy_dtype
 
 _CUDA_EP = "CUDAExecutionProvider"
+#: export precisions ONNX Runtime refuses, and the backends that run them
+BF16_BACKENDS = {"bf16": ("openvino", "torch")}
 _CPU_EP = "CPUExecutionProvider"
 
 
@@ -89,6 +91,11 @@ class OrtBackend(Backend):
         ok, reason = self.available(device)
         if not ok:
             raise BackendError(reason)
+        if manifest.precision in BF16_BACKENDS:
+            raise BackendError(f"ONNX Runtime has no fast bf16 kernels: run this "
+                               f"{manifest.precision} export with --backend "
+                               f"{' or '.join(BF16_BACKENDS[manifest.precision])}, or export "
+                               f"fp32 / int8 for ort")
         ort = _import_ort()
         self._ort = ort
         feature_path = manifest.verify_file(export_dir, "feature.onnx")
