@@ -173,30 +173,45 @@ def compare(onnx_out, torch_out, precision: str) -> VerifyResult:
                         feature_tol=FEATURE_REL_TOL.get(precision, FEATURE_REL_TOL["fp32"]))
 
 
+def openvino_chain(export_dir: str, frames: Sequence[np.ndarray], manifest: Manifest
+                   ) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """(features, labels) per frame through the openvino backend, at the precision it runs
+    the export at here."""
+    from tbn_runtime.backends.openvino import OpenVinoBackend
+
+    features, labels = [], []
+    with OpenVinoBackend(export_dir, manifest, "cpu", cache_dir=None) as backend:
+        for frame in frames:
+            labels.append(backend.infer(frame))
+            ring = backend.ring
+            features.append(ring.storage[ring.index.slot_of(ring.frame)][0].copy())
+    return features, labels
+
+
+def openvino_runs(manifest: Manifest, bf16: bool = False) -> bool:
+    """Whether the openvino backend runs this export here (bf16: natively in bf16)."""
+    try:
+        from tbn_runtime.backends.openvino import OpenVinoBackend, native_bf16
+
+        if not (OpenVinoBackend.available("cpu")[0] and OpenVinoBackend.accepts(manifest)[0]):
+            return False
+        if bf16:
+            import openvino
+
+            return native_bf16(openvino.Core())
+        return True
+    except Exception:  # a broken OpenVINO install: it does not run here
+        return False
+
+
 def bf16_chain(export_dir: str, model, frames: Sequence[np.ndarray], manifest: Manifest
                ) -> Tuple[str, Tuple[List[np.ndarray], List[np.ndarray]]]:
     """(engine, (features, labels)) of a bf16 export computed in bf16 on this CPU: OpenVINO
     on the exported graphs where it runs bf16 natively (AMX / AVX512-BF16), else PyTorch with
     the feature half's weights and activations in bf16 (bf16 arithmetic on any CPU, slowly)
     and the temporal half in fp32, as the manifest's compute_precision says."""
-    try:
-        from tbn_runtime.backends.openvino import OpenVinoBackend, native_bf16
-
-        ok = OpenVinoBackend.available("cpu")[0]
-        if ok:
-            import openvino
-
-            ok = native_bf16(openvino.Core())
-    except Exception:
-        ok = False
-    if ok:
-        features, labels = [], []
-        with OpenVinoBackend(export_dir, manifest, "cpu", cache_dir=None) as backend:
-            for frame in frames:
-                labels.append(backend.infer(frame))
-                ring = backend.ring
-                features.append(ring.storage[ring.index.slot_of(ring.frame)][0].copy())
-        return "OpenVINO (CPU, bf16)", (features, labels)
+    if openvino_runs(manifest, bf16=True):
+        return "OpenVINO (CPU, bf16)", openvino_chain(export_dir, frames, manifest)
     return "PyTorch (CPU, bf16 feature weights; no native bf16 here)", torch_bf16_chain(
         model, frames, manifest)
 
@@ -236,10 +251,18 @@ def verify_export(export_dir: str, model, frames: Sequence[np.ndarray],
     """Compare the export in export_dir with `model` (the PyTorch model it was made from).
 
     A bf16 export is checked twice: its fp32 graphs in ONNX Runtime at the fp32 bounds (the
-    graph is right), then computed in bf16 (bf16_chain) at the bf16 bounds."""
+    graph is right), then computed in bf16 (bf16_chain) at the bf16 bounds. An int8 export is
+    checked in ONNX Runtime and, where the openvino backend runs it, in OpenVINO too."""
     manifest = load_manifest(export_dir)
     onnx_out = onnx_chain(export_dir, frames, manifest, device)
     torch_out = torch_chain(model, frames)
+    if manifest.precision == "int8":
+        result = compare(onnx_out, torch_out, "int8")
+        if openvino_runs(manifest):  # the same Q/DQ graph, as exported, in OpenVINO
+            result.then = compare(openvino_chain(export_dir, frames, manifest), torch_out,
+                                  "int8")
+            result.then.engine = "OpenVINO (CPU)"
+        return result
     if manifest.precision != "bf16":
         return compare(onnx_out, torch_out, manifest.precision)
     result = compare(onnx_out, torch_out, "fp32")

@@ -59,6 +59,9 @@ def select_backend(name: str, manifest: Manifest, device: Optional[str] = None,
         ok, reason = cls.available(device)
         if not ok:
             raise BackendError(reason)
+        fits, why_not = cls.accepts(manifest)
+        if not fits:
+            raise BackendError(why_not)
         return cls, device, f"{name} as asked ({reason})"
 
     tried: List[str] = []
@@ -70,6 +73,9 @@ def select_backend(name: str, manifest: Manifest, device: Optional[str] = None,
             tried.append("trt: the export has no engines")
             continue
         ok, reason = cls.available(dev)
+        if ok:
+            ok, why_not = cls.accepts(manifest)
+            reason = reason if ok else why_not
         if ok:
             why = reason + (f"; not chosen: {'; '.join(tried)}" if tried else "")
             return cls, dev, f"{cand} on {dev} ({why})"

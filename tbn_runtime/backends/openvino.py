@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..cpu import cpu_flags, has_vnni
 from ..manifest import Manifest
 from .base import Backend, BackendError, numpy_dtype
 
@@ -96,6 +97,17 @@ class OpenVinoBackend(Backend):
             return False, f"OpenVINO does not start: {str(e).strip().splitlines()[0]}"
         return True, f"openvino {ov.__version__.split('-')[0]} ({cpu_name(core)})"
 
+    @classmethod
+    def accepts(cls, manifest: Manifest) -> Tuple[bool, str]:
+        if manifest.precision not in _HINT:
+            return False, (f"the openvino backend does not run {manifest.precision} exports "
+                           f"(it runs {', '.join(_HINT)})")
+        if manifest.precision == "int8" and cpu_flags() and not has_vnni():
+            return False, ("OpenVINO's int8 kernels give wrong results on this CPU, which has "
+                           "no VNNI (measured with OpenVINO 2026.4 on AVX2: labels far from "
+                           "the verified export); run the int8 export with --backend ort")
+        return True, ""
+
     def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu",
                  streams: int = 1, *, threads: Optional[int] = None, mode: str = "batch",
                  cache_dir: Any = "default") -> None:
@@ -105,9 +117,9 @@ class OpenVinoBackend(Backend):
             raise BackendError(reason)
         if mode not in MODES:
             raise BackendError(f"unknown openvino mode '{mode}' (choose from {', '.join(MODES)})")
-        if manifest.precision not in _HINT:
-            raise BackendError(f"the openvino backend does not run {manifest.precision} "
-                               f"exports (it runs {', '.join(_HINT)})")
+        fits, why_not = self.accepts(manifest)
+        if not fits:
+            raise BackendError(why_not)
         ov = _import_ov()
         self._ov = ov
         self.mode = mode if streams > 1 else "batch"
@@ -159,6 +171,7 @@ class OpenVinoBackend(Backend):
         self._treq = [self.temporal_model.create_infer_request() for _ in range(jobs)]
         self._labels: Dict[int, np.ndarray] = {}
         self._rows: Dict[Tuple[int, int], np.ndarray] = {}
+        self._batches: Dict[Tuple[str, int], np.ndarray] = {}
 
     def _compile(self, path: str, batch: int, config: Dict[str, Any]) -> Any:
         ov = self._ov
@@ -269,9 +282,13 @@ class OpenVinoBackend(Backend):
             return labels.copy()
         req = self._treq[0]
         for k, name in enumerate(names):
-            value = rows[0][k] if count == 1 else np.concatenate([r[k] for r in rows])
-            req.set_tensor(name, self._tensor(value) if count == 1 else
-                           self._ov.Tensor(value, shared_memory=True))
+            if count == 1:
+                req.set_tensor(name, self._tensor(rows[0][k]))
+            else:  # the streams' slots gathered into a batch buffer of this input
+                batch = self._batch_buffer(name, count)
+                for i, r in enumerate(rows):
+                    np.copyto(batch[i], r[k][0])
+                req.set_tensor(name, self._tensor(batch))
         if count == 1:
             req.set_tensor(man.labels_output, self._tensor(labels))
             req.infer()
@@ -279,6 +296,12 @@ class OpenVinoBackend(Backend):
             req.infer()
             np.copyto(labels, req.get_tensor(man.labels_output).data)
         return labels.copy()
+
+    def _batch_buffer(self, name: str, n: int) -> np.ndarray:
+        """A persistent n x C x h x w buffer of temporal input `name` (its tensor is kept)."""
+        if (name, n) not in self._batches:
+            self._batches[(name, n)] = np.zeros([n] + self._fshape, self._fdtype)
+        return self._batches[(name, n)]
 
     def _row(self, labels: np.ndarray, i: int) -> np.ndarray:
         """Row i of a labels buffer as a 1 x H x W view, kept (so is the tensor over it)."""
@@ -290,6 +313,6 @@ class OpenVinoBackend(Backend):
     def close(self) -> None:
         self.rings = []
         for attr in ("_freq", "_treq", "feature_model", "temporal_model", "_tensors", "_labels",
-                     "_rows", "core"):
+                     "_rows", "_batches", "core"):
             if hasattr(self, attr):
                 delattr(self, attr)
