@@ -7,7 +7,6 @@ units for bf16 and int8). Off Linux, or where the file cannot be read, nothing i
 
 from __future__ import annotations
 
-import platform
 from functools import lru_cache
 from typing import FrozenSet, List
 
@@ -39,30 +38,3 @@ def extensions() -> List[str]:
 def has_vnni() -> bool:
     """8-bit dot products with 32-bit accumulation (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
-
-
-def cpu_model() -> str:
-    """The processor's model name ("" when unknown)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or ""
-
-
-def machine_line() -> str:
-    """One line naming the CPU and its extensions, for benchmark tables: ratios between CPU
-    engines depend on them."""
-    import os
-
-    ext = extensions()
-    known = bool(cpu_flags())
-    says = ", ".join(ext) if ext else ("no AVX2" if known else "extensions unknown")
-    if known:
-        missing = [n for n in ("AVX-512", "VNNI", "AMX") if not any(n in e for e in ext)]
-        if missing:
-            says += " (no " + ", no ".join(missing) + ")"
-    return f"{cpu_model() or 'CPU'}, {os.cpu_count()} cores: {says}"
