@@ -7,22 +7,22 @@
 On a VSPW-layout split, every video is run through the PyTorch reference
 (`tbn_train.evaluate.predict_video`: the checkpoint, features once per frame in a ring) and
 through each backend of each export (ONNX Runtime and OpenVINO on every export they run;
-TensorRT where the export has engines and TensorRT is installed; `--backends` chooses). Frames are resized to the export
-size and the labels resized back exactly as tbn-run does (the reference sees the same resized
-frames), so the outputs compare pixel for pixel. Reported per row: mIoU, mVC8, mVC16 (VSPW's
-definitions), their difference to PyTorch, and the share of labelled pixels whose label agrees
-with PyTorch's.
+TensorRT where the export has engines and TensorRT is installed; `--backends` chooses). Frames
+are resized to the export size and the labels resized back exactly as tbn-run does (the
+reference sees the same resized frames), so the outputs compare pixel for pixel. Reported per
+row: mIoU, mVC8, mVC16 (VSPW's definitions), their difference to PyTorch, and the share of
+labelled pixels whose label agrees with PyTorch's.
 
-Release gate: the exit code is 1 when a backend's |mIoU - mIoU(PyTorch)| exceeds the tolerance of
-its precision (default 0.01 points for fp32, 0.1 for fp16 and bf16, 0.5 for int8; --tol-fp32,
---tol-fp16, --tol-bf16, --tol-int8), or its pixel agreement is below --min-agree (off by default). 2 for a usage error,
-0 when every row passes. Rows that cannot run here (TensorRT not installed, no calibration
-frames for int8) are reported and do not fail the gate.
+Release gate: the exit code is 1 when a backend's |mIoU - mIoU(PyTorch)| exceeds the tolerance
+of its precision (default 0.01 points for fp32, 0.1 for fp16 and bf16, 0.5 for int8; --tol-fp32,
+--tol-fp16, --tol-bf16, --tol-int8), or its pixel agreement is below --min-agree (off by
+default). 2 for a usage error, 0 when every row passes. Rows that cannot run here (TensorRT not
+installed, no calibration frames for int8) are reported and do not fail the gate.
 
-Without an fp16 export among --export/--exports, one is made on the fly from the checkpoint
-into a temporary folder (--no-fp16 to skip); likewise a bf16 export (--no-bf16) and an int8 export, calibrated on --calib
-(default: the data's train split, DATA/train.txt, so calibration never sees the scored split;
---no-int8 to skip).
+Without an fp16 export among --export/--exports, one is made on the fly from the checkpoint into
+a temporary folder (--no-fp16 to skip); likewise a bf16 export (--no-bf16) and an int8 export,
+calibrated on --calib (default: the data's train split, DATA/train.txt, so calibration never
+sees the scored split; --no-int8 to skip).
 
 Test hook: `evaluate_backend(backend, videos, reference)` scores any object with the Backend
 interface (height, width, reset(), infer(frame) -> labels); `--fault wrong-past` (a debugging
@@ -420,7 +420,8 @@ def table(report: Dict[str, Any]) -> str:
     head = (f"Accuracy vs PyTorch, {cfg['model']} at {cfg['height']}x{cfg['width']}, "
             f"{cfg['data']} {cfg['split']} ({ref['videos']} videos, {ref['frames']} frames) on "
             f"{report['device']}; gate |dmIoU| <= {tol['fp32']} (fp32) / {tol['fp16']} (fp16) / "
-            f"{tol.get('bf16', '-')} (bf16) / {tol['int8']} (int8) points\nMachine: {common.machine_line(report['machine'])}")
+            f"{tol.get('bf16', '-')} (bf16) / {tol['int8']} (int8) points\n"
+            f"Machine: {common.machine_line(report['machine'])}")
     verdict = "gate: PASS" if report["passed"] else "gate: FAIL"
     return head + "\n\n" + common.markdown_table(headers, rows) + "\n\n" + verdict
 

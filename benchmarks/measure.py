@@ -209,10 +209,10 @@ def run_tbn_run(res: Dict[str, Any], results: List[Dict[str, Any]], src: Source,
                 frames: List[np.ndarray], warmup: int, tmp: str, budget: Budget) -> None:
     """The runtime's stream (tbn-run) on an mp4 written with cv2: decode + infer + PNG write.
 
-    Uses the fastest ort/openvino/trt row's backend and export. A warm-up video of `warmup` frames is
-    streamed first; then the timed video. Per-frame time = the interval between consecutive
-    frames' labels (the stream overlaps decode and writes with inference, so this is what
-    one frame costs in the steady state); fps = frames / wall time of the whole stream.
+    Uses the fastest ort/openvino/trt row's backend and export. A warm-up video of `warmup`
+    frames is streamed first; then the timed video. Per-frame time = the interval between
+    consecutive frames' labels (the stream overlaps decode and writes with inference, so this
+    is what one frame costs in the steady state); fps = frames / wall time of the whole stream.
     """
     import cv2
     from tbn_runtime.manifest import load_manifest
