@@ -6,23 +6,23 @@
 
 On a VSPW-layout split, every video is run through the PyTorch reference
 (`tbn_train.evaluate.predict_video`: the checkpoint, features once per frame in a ring) and
-through each backend of each export (ONNX Runtime on every export; TensorRT where the export
-has engines and TensorRT is installed; `--backends` chooses). Frames are resized to the export
-size and the labels resized back exactly as tbn-run does (the reference sees the same resized
-frames), so the outputs compare pixel for pixel. Reported per row: mIoU, mVC8, mVC16 (VSPW's
-definitions), their difference to PyTorch, and the share of labelled pixels whose label agrees
-with PyTorch's.
+through each backend of each export (ONNX Runtime and OpenVINO on every export they run;
+TensorRT where the export has engines and TensorRT is installed; `--backends` chooses). Frames
+are resized to the export size and the labels resized back exactly as tbn-run does (the
+reference sees the same resized frames), so the outputs compare pixel for pixel. Reported per
+row: mIoU, mVC8, mVC16 (VSPW's definitions), their difference to PyTorch, and the share of
+labelled pixels whose label agrees with PyTorch's.
 
-Release gate: the exit code is 1 when a backend's |mIoU - mIoU(PyTorch)| exceeds the tolerance of
-its precision (default 0.01 points for fp32, 0.1 for fp16, 0.5 for int8; --tol-fp32, --tol-fp16,
---tol-int8), or its pixel agreement is below --min-agree (off by default). 2 for a usage error,
-0 when every row passes. Rows that cannot run here (TensorRT not installed, no calibration
-frames for int8) are reported and do not fail the gate.
+Release gate: the exit code is 1 when a backend's |mIoU - mIoU(PyTorch)| exceeds the tolerance
+of its precision (default 0.01 points for fp32, 0.1 for fp16 and bf16, 0.5 for int8; --tol-fp32,
+--tol-fp16, --tol-bf16, --tol-int8), or its pixel agreement is below --min-agree (off by
+default). 2 for a usage error, 0 when every row passes. Rows that cannot run here (TensorRT not
+installed, no calibration frames for int8) are reported and do not fail the gate.
 
-Without an fp16 export among --export/--exports, one is made on the fly from the checkpoint
-into a temporary folder (--no-fp16 to skip); likewise an int8 export, calibrated on --calib
-(default: the data's train split, DATA/train.txt, so calibration never sees the scored split;
---no-int8 to skip).
+Without an fp16 export among --export/--exports, one is made on the fly from the checkpoint into
+a temporary folder (--no-fp16 to skip); likewise a bf16 export (--no-bf16) and an int8 export,
+calibrated on --calib (default: the data's train split, DATA/train.txt, so calibration never
+sees the scored split; --no-int8 to skip).
 
 Test hook: `evaluate_backend(backend, videos, reference)` scores any object with the Backend
 interface (height, width, reset(), infer(frame) -> labels); `--fault wrong-past` (a debugging
@@ -79,12 +79,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--export", default=DEFAULT_EXPORT, help="export dir (default: %(default)s)")
     p.add_argument("--exports", help="comma-separated export dirs (replaces --export)")
     p.add_argument("--no-fp16", action="store_true", help="do not make an fp16 export on the fly")
-    p.add_argument("--backends", default="ort,trt", help="backends to score on each export "
-                                                         "(default: %(default)s)")
+    p.add_argument("--no-bf16", action="store_true", help="do not make a bf16 export on the fly")
+    p.add_argument("--backends", default="ort,openvino,trt",
+                   help="backends to score on each export (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--tol-fp32", type=float, default=0.01, help="max |dmIoU| in points for fp32 "
                                                                 "(default: %(default)s)")
     p.add_argument("--tol-fp16", type=float, default=0.1, help="max |dmIoU| in points for fp16 "
+                                                               "(default: %(default)s)")
+    p.add_argument("--tol-bf16", type=float, default=0.1, help="max |dmIoU| in points for bf16 "
                                                                "(default: %(default)s)")
     p.add_argument("--tol-int8", type=float, default=0.5, help="max |dmIoU| in points for int8 "
                                                                "(default: %(default)s)")
@@ -167,6 +170,13 @@ def resolve(args: argparse.Namespace, tmp: str) -> Tuple[Any, Dict[str, Any], Li
               file=sys.stderr, flush=True)
         export_onnx(model, out, first.height, first.width, fp16=True, checkpoint_path=ckpt)
         dirs.append(out)
+    if not args.no_bf16 and not any(m.precision == "bf16" for m in manifests):
+        from tbn_export.onnx_export import export_onnx
+        out = os.path.join(tmp, "export-bf16")
+        print(f"accuracy.py: no bf16 export given; exporting one into {out} ...",
+              file=sys.stderr, flush=True)
+        export_onnx(model, out, first.height, first.width, bf16=True, checkpoint_path=ckpt)
+        dirs.append(out)
     args.int8_skipped = None
     if not args.no_int8 and not any(m.precision == "int8" for m in manifests):
         out, args.int8_skipped = int8_export(args, model, ckpt, first.height, first.width, tmp)
@@ -228,7 +238,8 @@ def run(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
 
     ref_row = {"row": "PyTorch reference", "backend": "torch", "precision": "fp32",
                "describe": f"tbn_train.evaluate.predict_video on {args.device}", **ref.summary()}
-    tolerances = {"fp32": args.tol_fp32, "fp16": args.tol_fp16, "int8": args.tol_int8}
+    tolerances = {"fp32": args.tol_fp32, "fp16": args.tol_fp16, "bf16": args.tol_bf16,
+                  "int8": args.tol_int8}
     for row in rows:
         if "skipped" in row:
             continue
@@ -247,7 +258,8 @@ def run(args: argparse.Namespace, tmp: str) -> Dict[str, Any]:
                    "int8_calibration": {"source": args.calib or os.path.join(args.data,
                                                                              "train.txt"),
                                         "frames": args.calib_frames}},
-        "tolerances": {"fp32": args.tol_fp32, "fp16": args.tol_fp16, "int8": args.tol_int8,
+        "tolerances": {"fp32": args.tol_fp32, "fp16": args.tol_fp16, "bf16": args.tol_bf16,
+                       "int8": args.tol_int8,
                        "min_agree": args.min_agree, "unit": "mIoU points"},
         "machine": common.machine_info(),
         "reference": ref_row,
@@ -277,7 +289,8 @@ def table(report: Dict[str, Any]) -> str:
     head = (f"Accuracy vs PyTorch, {cfg['model']} at {cfg['height']}x{cfg['width']}, "
             f"{cfg['data']} {cfg['split']} ({ref['videos']} videos, {ref['frames']} frames) on "
             f"{report['device']}; gate |dmIoU| <= {tol['fp32']} (fp32) / {tol['fp16']} (fp16) / "
-            f"{tol['int8']} (int8) points\nMachine: {common.machine_line(report['machine'])}")
+            f"{tol.get('bf16', '-')} (bf16) / {tol['int8']} (int8) points\n"
+            f"Machine: {common.machine_line(report['machine'])}")
     verdict = "gate: PASS" if report["passed"] else "gate: FAIL"
     return head + "\n\n" + common.markdown_table(headers, rows) + "\n\n" + verdict
 

@@ -67,10 +67,10 @@ def gpu_names() -> List[str]:
 def library_versions() -> Dict[str, Optional[str]]:
     """Versions of the libraries a result depends on (None where not installed)."""
     versions: Dict[str, Optional[str]] = {"python": platform.python_version()}
-    for name in ("torch", "timm", "onnx", "onnxruntime", "tensorrt", "numpy", "cv2"):
+    for name in ("torch", "timm", "onnx", "onnxruntime", "openvino", "tensorrt", "numpy", "cv2"):
         try:
             module = __import__(name)
-            versions[name] = str(getattr(module, "__version__", "unknown"))
+            versions[name] = str(getattr(module, "__version__", "unknown")).split("-")[0]
         except Exception:  # absent, or broken (tensorrt without its shared libraries)
             versions[name] = None
     try:
@@ -97,8 +97,11 @@ def machine_info() -> Dict[str, Any]:
                     mem_gb = round(int(line.split()[1]) / 1024 ** 2, 1)
     except OSError:
         pass
+    from tbn_runtime.cpu import extensions
     return {
         "cpu": cpu_model(),
+        # the CPU engines' ratios depend on these (AVX2, AVX-512, VNNI, AMX)
+        "cpu_extensions": extensions(),
         "cores": usable_cores(),
         "memory_gb": mem_gb,
         "gpus": gpu_names(),
@@ -112,10 +115,20 @@ def machine_line(info: Dict[str, Any]) -> str:
     """One line naming the machine and library versions, for tables and plot titles."""
     v = info.get("versions", {})
     gpu = ", ".join(info.get("gpus") or []) or "no GPU"
-    libs = " ".join(f"{k} {v[k]}" for k in ("torch", "onnxruntime", "onnx", "tensorrt")
-                    if k in v and v[k] is not None)
+    libs = " ".join(f"{k} {v[k]}" for k in ("torch", "onnxruntime", "openvino", "onnx",
+                                            "tensorrt") if k in v and v[k] is not None)
     trt = "" if v.get("tensorrt") else " (tensorrt not installed)"
-    return f"{info.get('cpu')}, {info.get('cores')} cores, {gpu}; {libs}{trt}"
+    return (f"{info.get('cpu')} ({cpu_extensions_text(info.get('cpu_extensions'))}), "
+            f"{info.get('cores')} cores, {gpu}; {libs}{trt}")
+
+
+def cpu_extensions_text(ext: Optional[Sequence[str]]) -> str:
+    """'AVX2; no AVX-512, VNNI, AMX' from machine_info's cpu_extensions."""
+    if ext is None:
+        return "extensions not recorded"
+    have = ", ".join(ext) if ext else "no AVX2"
+    missing = [n for n in ("AVX-512", "VNNI", "AMX") if not any(n in e for e in ext)]
+    return have + (f"; no {', '.join(missing)}" if missing else "")
 
 
 # -- timing --------------------------------------------------------------------------------------

@@ -16,10 +16,15 @@ Rows (choose with --only; default: every row that can run here):
   ort-fp16    ONNX Runtime, fp16 export
   ort-int8    ONNX Runtime, INT8 export (Q/DQ feature graph, fp32 temporal graph); made on the
               fly: calibrated on --calib (default: synthetic frames of another seed)
+  openvino    OpenVINO (the runtime's openvino backend, CPU), fp32 export, computed in f32
+  openvino-bf16  OpenVINO, bf16 export: bf16 on CPUs with AMX / AVX512-BF16, f32 elsewhere
+              (the row's description says which)
+  openvino-int8  OpenVINO, the same INT8 export as ort-int8, as exported (refused on CPUs
+              without VNNI, where OpenVINO's int8 results are wrong)
   trt         TensorRT, fp16 engines (the runtime's trt backend), where TensorRT is installed
   trt-fp32    TensorRT, fp32 engines
   tbn-run     the runtime's whole stream (decode a video written with cv2, infer, write PNG masks)
-              with the fastest of the ort/trt rows
+              with the fastest of the ort/openvino/trt rows
 
 Every row is fed the same frames (a synthetic video from tbn_train.data.synth), frame by frame
 and interleaved: frame t goes through every row before frame t+1, so slow drifts of the machine
@@ -62,8 +67,8 @@ from paths import BenchError, Source, make_source  # noqa: E402
 
 from tbn_runtime.errors import Stopped  # noqa: E402  (SIGTERM: report what was measured)
 
-ROWS = ("naive", "naive-fp16", "ring", "ring-fp16", "ort", "ort-fp16", "ort-int8", "trt",
-        "trt-fp32", "tbn-run")
+ROWS = ("naive", "naive-fp16", "ring", "ring-fp16", "ort", "ort-fp16", "ort-int8", "openvino",
+        "openvino-bf16", "openvino-int8", "trt", "trt-fp32", "tbn-run")
 LABELS = {
     "naive": "PyTorch naive (backbone x4)",
     "naive-fp16": "PyTorch naive fp16 (backbone x4)",
@@ -72,6 +77,9 @@ LABELS = {
     "ort": "ONNX Runtime fp32",
     "ort-fp16": "ONNX Runtime fp16",
     "ort-int8": "ONNX Runtime int8",
+    "openvino": "OpenVINO fp32",
+    "openvino-bf16": "OpenVINO bf16",
+    "openvino-int8": "OpenVINO int8",
     "trt": "TensorRT fp16",
     "trt-fp32": "TensorRT fp32",
     "tbn-run": "tbn-run end to end",

@@ -209,10 +209,10 @@ def run_tbn_run(res: Dict[str, Any], results: List[Dict[str, Any]], src: Source,
                 frames: List[np.ndarray], warmup: int, tmp: str, budget: Budget) -> None:
     """The runtime's stream (tbn-run) on an mp4 written with cv2: decode + infer + PNG write.
 
-    Uses the fastest ort/trt row's backend and export. A warm-up video of `warmup` frames is
-    streamed first; then the timed video. Per-frame time = the interval between consecutive
-    frames' labels (the stream overlaps decode and writes with inference, so this is what
-    one frame costs in the steady state); fps = frames / wall time of the whole stream.
+    Uses the fastest ort/openvino/trt row's backend and export. A warm-up video of `warmup`
+    frames is streamed first; then the timed video. Per-frame time = the interval between
+    consecutive frames' labels (the stream overlaps decode and writes with inference, so this
+    is what one frame costs in the steady state); fps = frames / wall time of the whole stream.
     """
     import cv2
     from tbn_runtime.manifest import load_manifest
@@ -222,12 +222,13 @@ def run_tbn_run(res: Dict[str, Any], results: List[Dict[str, Any]], src: Source,
     if budget.spent():
         res["skipped"] = "the time budget was spent before this row was built"
         return
-    cands = [r for r in results if r["row"].startswith(("ort", "trt")) and r.get("median_ms")]
+    cands = [r for r in results if r["row"].startswith(("ort", "openvino", "trt"))
+             and r.get("median_ms")]
     if not cands:
-        res["skipped"] = "no ort/trt row ran, so there is no backend to stream with"
+        res["skipped"] = "no ort/openvino/trt row ran, so there is no backend to stream with"
         return
     best = min(cands, key=lambda r: r["median_ms"])
-    backend = "trt" if best["row"].startswith("trt") else "ort"
+    backend = best["row"].split("-")[0]
     precision = row_precision(best["row"])
     export = (engine_export(src, precision, budget.left()) if backend == "trt"
               else src.export_dir(precision, device))

@@ -56,7 +56,7 @@ class Source:
         t0 = time.perf_counter()
         model, _ = load_model(self.checkpoint)
         export_onnx(model, out, self.height, self.width, fp16=(precision == "fp16"),
-                    checkpoint_path=self.checkpoint)
+                    bf16=(precision == "bf16"), checkpoint_path=self.checkpoint)
         if precision == "int8":
             from tbn_export.int8 import Int8Error, quantize_export
             if self.calibration is None:
@@ -160,7 +160,7 @@ class NaivePath:
 
 
 class BackendPath:
-    """One of the runtime's backends (torch ring, ort, trt) on an export dir."""
+    """One of the runtime's backends (torch ring, ort, openvino, trt) on an export dir."""
 
     #: set by main(). ONNX Runtime's intra-op threads spin-wait between runs by default; in a
     #: process that also runs PyTorch on the same cores that steals the CPU from whatever runs
@@ -203,10 +203,10 @@ def cuda_sync(device: str) -> None:
 
 
 def row_precision(row: str) -> str:
-    """The export precision a row runs: its suffix (ort-fp16, trt-fp32, ...); trt alone is fp16,
-    the others fp32."""
+    """The export precision a row runs: its suffix (ort-fp16, trt-fp32, openvino-bf16, ...); trt
+    alone is fp16, the others fp32."""
     suffix = row.rsplit("-", 1)[-1]
-    if suffix in ("fp32", "fp16", "int8"):
+    if suffix in ("fp32", "fp16", "bf16", "int8"):
         return suffix
     return "fp16" if row == "trt" else "fp32"
 
@@ -242,6 +242,14 @@ def build_path(row: str, src: Source, device: str, time_left: Optional[float] = 
         d = src.export_dir(row_precision(row), device)
         from tbn_runtime.manifest import load_manifest
         return BackendPath("ort", d, load_manifest(d), device)
+    if row.startswith("openvino"):
+        from tbn_runtime.backends import backend_class
+        ok, reason = backend_class("openvino").available(device)
+        if not ok:
+            raise Skip(reason)
+        d = src.export_dir(row_precision(row), device)
+        from tbn_runtime.manifest import load_manifest
+        return BackendPath("openvino", d, load_manifest(d), device)
     if row.startswith("trt"):
         try:
             import tensorrt  # noqa: F401

@@ -9,9 +9,10 @@ N synthetic videos run at once through one Segmenter with N streams (what `tbn-r
 them as one batch, the temporal engine too, each stream keeping its own ring. Measured: the
 frames of all streams per second of engine steps (decode and writes excluded: they run in other
 threads in tbn-run), the median step time, and the speed-up over one stream. Rows: ONNX Runtime
-(the export's precision), PyTorch (eager batches; fp16 autocast on CUDA), TensorRT where it is
-installed. Steps are interleaved across the stream counts of a row, so a machine's drift hits
-them alike; quote ratios within one run.
+(the export's precision), OpenVINO (batched requests; openvino-async: one async request per
+stream on OpenVINO's throughput streams), PyTorch (eager batches; fp16 autocast on CUDA),
+TensorRT where it is installed. Steps are interleaved across the stream counts of a row, so a
+machine's drift hits them alike; quote ratios within one run.
 """
 
 from __future__ import annotations
@@ -34,8 +35,14 @@ from paths import BenchError, Skip, engine_export, make_source  # noqa: E402
 COUNTS = (1, 2, 4, 8)
 
 
+#: the rows: a runtime backend, or openvino-async (the openvino backend with one async request
+#: per stream on OpenVINO's throughput streams, against its batched requests)
+ROWS = ("ort", "openvino", "openvino-async", "torch", "trt")
+
+
 def backends_for(device: str) -> List[str]:
-    return ["ort", "torch", "trt"] if device == "cuda" else ["ort", "torch"]
+    return ["ort", "torch", "trt"] if device == "cuda" else ["ort", "openvino", "openvino-async",
+                                                            "torch"]
 
 
 def make_segmenter(backend: str, src: Any, device: str, streams: int, tmp: str) -> Any:
@@ -44,6 +51,9 @@ def make_segmenter(backend: str, src: Any, device: str, streams: int, tmp: str) 
     from tbn_runtime.manifest import load_manifest
     from tbn_runtime.segmenter import Segmenter
 
+    options: Dict[str, Any] = {}
+    if backend == "openvino-async":
+        backend, options = "openvino", {"mode": "async"}
     cls = backend_class(backend)
     ok, why = cls.available(device)
     if not ok:
@@ -59,7 +69,8 @@ def make_segmenter(backend: str, src: Any, device: str, streams: int, tmp: str) 
         manifest = load_manifest(export)
     # the segmenters of a row take turns on the same cores: ONNX Runtime's threads must not
     # spin-wait between runs (see paths.BackendPath.ort_no_spin)
-    options = {"spinning": False} if backend == "ort" else {}
+    if backend == "ort":
+        options["spinning"] = False
     try:
         return Segmenter(backend=cls(export, manifest, device, streams=streams, **options))
     except BackendError as e:
@@ -131,8 +142,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--counts", default=",".join(map(str, COUNTS)),
                    help="stream counts (default %(default)s)")
-    p.add_argument("--backends", help="comma-separated among ort, torch, trt (default: all "
-                                      "that run on --device)")
+    p.add_argument("--backends", help=f"comma-separated among {', '.join(ROWS)} (default: all "
+                                      f"that run on --device)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)

@@ -95,8 +95,13 @@ def upsampled_argmax(logits: torch.Tensor, out_size: Tuple[int, int], stride: in
     padded = F.pad(logits, (1, 1, 1, 1), mode="replicate")            # [b, c, h+2, w+2]
     corner_max = F.max_pool2d(padded, 2, stride=1)                       # [b, c, h+1, w+1]
     cand = corner_max.topk(k, dim=1).indices                             # [b, k, h+1, w+1]
-    corners = [torch.gather(padded[:, :, dy:dy + h + 1, dx:dx + w + 1], 1, cand)
-               for dy in (0, 1) for dx in (0, 1)]
+    # The corner (dy, dx) of cell (i, j) is padded[..., i + dy, j + dx]. Gather from the whole
+    # padded map with the candidates shifted into place, then crop (the same values): gathering
+    # from a crop of it, OpenVINO (2026.4) folds the crop that starts at 0 into the gather and
+    # then refuses the smaller index ("data and indices must have equal or intersecting
+    # dimensions"); with data and indices of one shape there is nothing to fold.
+    corners = [torch.gather(padded, 1, F.pad(cand, (dx, 1 - dx, dy, 1 - dy)))
+               [:, :, dy:dy + h + 1, dx:dx + w + 1] for dy in (0, 1) for dx in (0, 1)]
     values = torch.stack(corners, 2).flatten(3)                          # [b, k, 4, cells]
     # Output pixel x sits at (x + 0.5) / s + 0.5 in padded coordinates: cell floor(.), and
     # sub-pixel t = 0..s-1 of a cell (the cell starts at x = s * cell - s // 2) has fraction:
@@ -265,6 +270,16 @@ def _fix_output_dtype(model: onnx.ModelProto, name: str, elem_type: int) -> None
 
 
 # -- the export ------------------------------------------------------------------------------------
+#: what a bf16 export's engines compute in. The graphs stay fp32 and the runtime is told the
+#: precision: OpenVINO's bf16 is a setting on a float graph (INFERENCE_PRECISION_HINT; its CPU
+#: plugin chooses which ops run in bf16), PyTorch casts its weights, and ONNX Runtime, which
+#: has no bf16 CPU kernels, would gain nothing from a bf16-typed file; one fp32 file is also
+#: one verified graph. (A TensorRT bf16 engine, strongly typed, would need a bf16-typed graph:
+#: not built.) The temporal graph stays fp32, as for int8: its label arithmetic (the
+#: interpolation and the argmax over close logits) is what an 8-bit mantissa hurts most.
+BF16_COMPUTE = {"graph": "fp32", "feature": "bf16", "temporal": "fp32"}
+
+
 def _feature_onnx(model: nn.Module, height: int, width: int
                   ) -> Tuple[onnx.ModelProto, torch.Tensor, List[int]]:
     """The feature graph traced and simplified; (graph, a feature it gives, its shape)."""
@@ -296,13 +311,18 @@ def _temporal_onnx(model: nn.Module, feature: torch.Tensor, past_names: List[str
 
 def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: bool = False,
                 logits: bool = False, checkpoint_path: Optional[str] = None,
-                max_batch: int = MAX_BATCH) -> Manifest:
+                max_batch: int = MAX_BATCH, bf16: bool = False) -> Manifest:
     """Write feature.onnx, temporal.onnx and manifest.json for `model` into out_dir.
+
+    bf16=True: fp32 graphs whose manifest asks the runtime to compute the feature engine in
+    bf16 (BF16_COMPUTE); precision "bf16".
 
     The model is put in eval mode. The files are written in place (each one atomically); the
     CLI exports into a temporary directory and renames it, so a whole export appears at once.
     """
     height, width = check_export_size(height, width)
+    if fp16 and bf16:
+        raise ExportError("fp16 and bf16 exclude each other; choose one")
     # The auxiliary training heads (aux16/aux32) are not on the path frame_features ->
     # temporal_head, so tracing leaves them out; check_graph rejects training-only nodes.
     model = model.eval()
@@ -344,7 +364,8 @@ def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: b
         feature_shape=expected,
         feature_dtype=feature_dtype,
         temporal_offsets=offsets,
-        precision="fp16" if fp16 else "fp32",
+        precision="fp16" if fp16 else "bf16" if bf16 else "fp32",
+        compute_precision=dict(BF16_COMPUTE) if bf16 else None,
         past_inputs=past_names,
         logits_output="logits" if logits else None,
         max_batch=int(max_batch),

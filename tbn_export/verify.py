@@ -28,12 +28,12 @@ from tbn_train.data.synth import synthetic_frames  # noqa: F401  (--verify's def
 from .errors import VerifyError
 
 #: minimum share of pixels whose labels must agree with PyTorch, per export precision.
-LABEL_AGREEMENT = {"fp32": 0.999, "fp16": 0.995, "int8": 0.99}
+LABEL_AGREEMENT = {"fp32": 0.999, "fp16": 0.995, "bf16": 0.995, "int8": 0.99}
 #: largest tolerated feature error relative to the largest reference feature value: a generous
 #: bound (the tiny demo model measures ~5e-7 fp32, ~1e-3 fp16, ~0.03 int8; random-weight
 #: tbn_swin_t int8 0.12, random tbn_tiny on degraded synthetic frames 0.3); the labels are the
 #: real test.
-FEATURE_REL_TOL = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.5}
+FEATURE_REL_TOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 5e-2, "int8": 0.5}
 
 
 @dataclass
@@ -47,13 +47,19 @@ class VerifyResult:
     threshold: float
     feature_tol: float = 1e-3
     per_frame_agree: List[float] = field(default_factory=list)
+    engine: str = "ONNX Runtime (CPU)"
+    #: a second check of the same export (bf16: the graph in fp32, then the engines in bf16)
+    then: Optional["VerifyResult"] = None
 
     @property
     def ok(self) -> bool:
-        return self.labels_agree >= self.threshold and self.feature_rel <= self.feature_tol
+        return (self.labels_agree >= self.threshold and self.feature_rel <= self.feature_tol
+                and (self.then is None or self.then.ok))
 
     def table(self) -> str:
+        own = self.labels_agree >= self.threshold and self.feature_rel <= self.feature_tol
         rows = [
+            ("engine", self.engine),
             ("precision", self.precision),
             ("frames", str(self.frames)),
             ("feature max abs error", f"{self.feature_max_abs:.3g}"),
@@ -61,10 +67,11 @@ class VerifyResult:
             ("labels agree (all frames)", f"{100 * self.labels_agree:.3f}%"),
             ("labels agree (worst frame)", f"{100 * self.labels_agree_worst:.3f}%"),
             ("labels required", f">= {100 * self.threshold:.1f}%"),
-            ("result", "PASS" if self.ok else "FAIL"),
+            ("result", "PASS" if own else "FAIL"),
         ]
         width = max(len(k) for k, _ in rows)
-        return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+        text = "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+        return text + ("\n" + self.then.table() if self.then is not None else "")
 
 
 # -- frames ------------------------------------------------------------------------------------
@@ -162,10 +169,101 @@ def compare(onnx_out, torch_out, precision: str) -> VerifyResult:
                         feature_tol=FEATURE_REL_TOL.get(precision, FEATURE_REL_TOL["fp32"]))
 
 
+def openvino_chain(export_dir: str, frames: Sequence[np.ndarray], manifest: Manifest
+                   ) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """(features, labels) per frame through the openvino backend, at the precision it runs
+    the export at here."""
+    from tbn_runtime.backends.openvino import OpenVinoBackend
+
+    features, labels = [], []
+    with OpenVinoBackend(export_dir, manifest, "cpu", cache_dir=None) as backend:
+        for frame in frames:
+            labels.append(backend.infer(frame))
+            ring = backend.ring
+            features.append(ring.storage[ring.index.slot_of(ring.frame)][0].copy())
+    return features, labels
+
+
+def openvino_runs(manifest: Manifest, bf16: bool = False) -> bool:
+    """Whether the openvino backend runs this export here (bf16: natively in bf16)."""
+    try:
+        from tbn_runtime.backends.openvino import OpenVinoBackend, native_bf16
+
+        if not (OpenVinoBackend.available("cpu")[0] and OpenVinoBackend.accepts(manifest)[0]):
+            return False
+        if bf16:
+            import openvino
+
+            return native_bf16(openvino.Core())
+        return True
+    except Exception:  # a broken OpenVINO install: it does not run here
+        return False
+
+
+def bf16_chain(export_dir: str, model, frames: Sequence[np.ndarray], manifest: Manifest
+               ) -> Tuple[str, Tuple[List[np.ndarray], List[np.ndarray]]]:
+    """(engine, (features, labels)) of a bf16 export computed in bf16 on this CPU: OpenVINO
+    on the exported graphs where it runs bf16 natively (AMX / AVX512-BF16), else PyTorch with
+    the feature half's weights and activations in bf16 (bf16 arithmetic on any CPU, slowly)
+    and the temporal half in fp32, as the manifest's compute_precision says."""
+    if openvino_runs(manifest, bf16=True):
+        return "OpenVINO (CPU, bf16)", openvino_chain(export_dir, frames, manifest)
+    return "PyTorch (CPU, bf16 feature weights; no native bf16 here)", torch_bf16_chain(
+        model, frames, manifest)
+
+
+def torch_bf16_chain(model, frames: Sequence[np.ndarray], manifest: Manifest
+                     ) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """(features, labels): the feature half in bf16 (a bf16 copy of the model), the temporal
+    half (the exported TemporalGraph module, fp32) over a ring of its features."""
+    import copy
+
+    import torch
+
+    from .onnx_export import FeatureGraph, TemporalGraph
+
+    feature_graph = FeatureGraph(copy.deepcopy(model).to(torch.bfloat16)).eval()
+    temporal = TemporalGraph(model, manifest.height, manifest.width).eval()
+    offsets = manifest.temporal_offsets
+    ring = FeatureRing([None] * manifest.ring_size, offsets) if offsets else None
+    features, labels = [], []
+    with torch.no_grad():
+        for frame in frames:
+            x = torch.from_numpy(np.ascontiguousarray(frame))[None]
+            y = x.float().permute(0, 3, 1, 2).flip(1)
+            y = ((y - feature_graph.mean) / feature_graph.std).to(torch.bfloat16)
+            feat = feature_graph.model.frame_features(y).float()
+            past = []
+            if ring is not None:
+                ring.storage[ring.index.next_frame()] = feat
+                past = ring.past()
+            labels.append(temporal(feat, *past)[0].numpy())
+            features.append(feat[0].numpy())
+    return features, labels
+
+
 def verify_export(export_dir: str, model, frames: Sequence[np.ndarray],
                   device: str = "cpu") -> VerifyResult:
-    """Compare the export in export_dir with `model` (the PyTorch model it was made from)."""
+    """Compare the export in export_dir with `model` (the PyTorch model it was made from).
+
+    A bf16 export is checked twice: its fp32 graphs in ONNX Runtime at the fp32 bounds (the
+    graph is right), then computed in bf16 (bf16_chain) at the bf16 bounds. An int8 export is
+    checked in ONNX Runtime and, where the openvino backend runs it, in OpenVINO too."""
     manifest = load_manifest(export_dir)
     onnx_out = onnx_chain(export_dir, frames, manifest, device)
     torch_out = torch_chain(model, frames)
-    return compare(onnx_out, torch_out, manifest.precision)
+    if manifest.precision == "int8":
+        result = compare(onnx_out, torch_out, "int8")
+        if openvino_runs(manifest):  # the same Q/DQ graph, as exported, in OpenVINO
+            result.then = compare(openvino_chain(export_dir, frames, manifest), torch_out,
+                                  "int8")
+            result.then.engine = "OpenVINO (CPU)"
+        return result
+    if manifest.precision != "bf16":
+        return compare(onnx_out, torch_out, manifest.precision)
+    result = compare(onnx_out, torch_out, "fp32")
+    result.precision = "bf16 export: its fp32 graphs"
+    engine, bf16_out = bf16_chain(export_dir, model, frames, manifest)
+    result.then = compare(bf16_out, torch_out, "bf16")
+    result.then.engine = engine
+    return result

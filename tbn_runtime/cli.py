@@ -49,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="EXPORT", default=None,
                    help="export folder made by tbn-export (default: the newest of "
                         "runs/tbn/export*)")
-    p.add_argument("--backend", default="auto", choices=("auto", "trt", "ort", "torch"),
+    p.add_argument("--backend", default="auto",
+                   choices=("auto", "trt", "ort", "openvino", "torch"),
                    help="auto: any GPU backend before any CPU one: TensorRT (the export has "
-                        "engines), ONNX Runtime's CUDA provider, PyTorch on CUDA; then ONNX "
-                        "Runtime on the CPU, PyTorch on the CPU")
+                        "engines), ONNX Runtime's CUDA provider, PyTorch on CUDA; then "
+                        "OpenVINO, ONNX Runtime and PyTorch on the CPU")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"),
                    help="where the backend runs (default: the best one present)")
     p.add_argument("--format", default="png", choices=("png", "npy", "coco-rle"),

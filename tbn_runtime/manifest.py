@@ -18,7 +18,7 @@ from .files import atomic_write_text, sha256_file
 FORMAT = "tbn-vit-export"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FEATURE_DTYPES = ("float32", "float16")
 #: the smallest export side (the graphs pad to a multiple of 32) and a sanity bound on the largest
 MIN_SIDE, MAX_SIDE = 32, 16384
@@ -45,7 +45,8 @@ class Manifest:
     feature_shape: List[int]         # 1 x C x h x w
     feature_dtype: str               # "float32" or "float16"
     temporal_offsets: List[int]      # e.g. [3, 6, 9]; [] for image models
-    precision: str                   # "fp32", "fp16" or "int8" (feature engine; temporal float)
+    precision: str                   # "fp32", "fp16", "bf16" or "int8" (feature engine; temporal
+                                     # float)
     label_dtype: str = "uint8"       # dtype of the per-pixel train ids the temporal engine emits
     input_format: str = "uint8 NHWC BGR"  # the frame as OpenCV decodes it
     # tensor names
@@ -64,6 +65,9 @@ class Manifest:
     versions: Dict[str, Optional[str]] = field(default_factory=dict)  # torch, onnx, tensorrt...
     tensorrt: Optional[Dict[str, Any]] = None   # {"version", "gpu", "compute_capability"}
     quantization: Optional[Dict[str, Any]] = None  # int8: quantizer, settings, calibration
+    # what each engine computes in where the graph's types do not say it (bf16: fp32 graphs,
+    # {"graph": "fp32", "feature": "bf16", "temporal": "fp32"}); None: as the graph is typed
+    compute_precision: Optional[Dict[str, str]] = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -185,7 +189,7 @@ def validate(m: Manifest, ring_size: Any = None) -> Optional[str]:
     if m.precision not in PRECISIONS:
         return bad("precision", f"one of {', '.join(PRECISIONS)}")
     if m.precision == "fp16" and m.feature_dtype != "float16" or \
-            m.precision == "fp32" and m.feature_dtype != "float32":
+            m.precision in ("fp32", "bf16") and m.feature_dtype != "float32":
         return (f"field 'feature_dtype' {m.feature_dtype!r} does not go with precision "
                 f"{m.precision!r}")
     if not _is_int(m.max_batch) or not 1 <= m.max_batch <= 256:
@@ -227,9 +231,11 @@ def validate(m: Manifest, ring_size: Any = None) -> Optional[str]:
     for name in ("versions",):
         if not isinstance(getattr(m, name), dict):
             return bad(name, "an object")
-    for name in ("tensorrt", "quantization"):
+    for name in ("tensorrt", "quantization", "compute_precision"):
         if getattr(m, name) is not None and not isinstance(getattr(m, name), dict):
             return bad(name, "an object or null")
+    if m.precision == "bf16" and not m.compute_precision:
+        return "field 'compute_precision' must say what a bf16 export's engines compute in"
     if m.precision == "int8" and not m.quantization:
         return "field 'quantization' must describe how an int8 export was quantized"
     return None

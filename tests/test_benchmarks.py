@@ -60,11 +60,20 @@ def _is_png(path):
         return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def _has_openvino():
+    from tbn_runtime.backends import backend_class
+    return backend_class("openvino").available("cpu")[0]
+
+
 def _check_machine(report):
     m = report["machine"]
     assert m["cpu"] and m["cores"] >= 1 and isinstance(m["gpus"], list)
-    for lib in ("torch", "onnxruntime", "onnx", "tensorrt"):
+    for lib in ("torch", "onnxruntime", "openvino", "onnx", "tensorrt"):
         assert lib in m["versions"]
+    # the CPU's vector / matrix extensions, which the CPU engines' ratios depend on
+    from tbn_runtime.cpu import cpu_flags
+    assert isinstance(m["cpu_extensions"], list)
+    assert ("AVX2" in m["cpu_extensions"]) == ("avx2" in cpu_flags())
 
 
 def _check_timed_row(r, frames):
@@ -102,6 +111,15 @@ def test_latency_export_dirs(bench, tmp_path, capsys):
         except ImportError:
             assert "not installed" in rows[name]["skipped"] and "median_ms" not in rows[name]
     assert rows["tbn-run"]["stream_stats"]["frames"] == 2
+    if _has_openvino():  # the same export in OpenVINO computes what PyTorch computes
+        from tbn_runtime.cpu import has_vnni
+        _check_timed_row(rows["openvino"], 2)
+        assert rows["openvino"]["agreement"] >= 0.999
+        assert "fp32 export: feature graph in f32" in rows["openvino"]["describe"]
+        _check_timed_row(rows["openvino-bf16"], 2)   # a bf16 export made on the fly
+        assert rows["openvino-bf16"]["agreement"] >= 0.99
+        if not has_vnni():
+            assert "no VNNI" in rows["openvino-int8"]["skipped"]
     assert _is_png(png)
     table = capsys.readouterr().out
     assert "| PyTorch naive" in table and "ONNX Runtime fp16" in table
@@ -225,6 +243,12 @@ def test_accuracy_gate_passes_for_the_real_backends(bench, tmp_path):
             assert 0 < r[k] <= 100 and r[f"d_{k}"] is not None
         assert 0.99 < r["agreement"] <= 1.0
     assert abs(rows["ort fp32"]["d_mIoU"]) <= 0.01
+    # a bf16 export made on the fly: ONNX Runtime refuses it, OpenVINO scores it
+    assert "bf16" in rows["ort bf16"]["skipped"] and "openvino" in rows["ort bf16"]["skipped"]
+    if _has_openvino():
+        for name in ("openvino fp32", "openvino fp16", "openvino bf16"):
+            assert rows[name]["passed"] is True and rows[name]["agreement"] > 0.99, name
+        assert abs(rows["openvino fp32"]["d_mIoU"]) <= 0.01
     assert _is_png(png)
 
 
@@ -324,7 +348,11 @@ def test_streams_benchmark_batches_what_it_says(tmp_path):
     assert streams.main(["--size", "64x96", "--counts", "1,3", "--steps", "1", "--warmup", "0",
                          "--json", str(out)]) == 0
     rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
-    for name in ("ort", "torch"):
+    names = ["ort", "torch"] + (["openvino", "openvino-async"] if _has_openvino() else [])
+    for name in names:
         counts = rows[name]["counts"]
         assert counts["1"]["speedup"] == 1.0 and counts["1"]["batch_limit"] == 1
         assert counts["3"]["batch_limit"] == 3 and counts["3"]["frames_per_s"] > 0
+    if _has_openvino():
+        assert "batched request" in rows["openvino"]["describe"]
+        assert "3 async requests" in rows["openvino-async"]["describe"]

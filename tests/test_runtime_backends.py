@@ -26,9 +26,12 @@ def _agreement(backend: Backend, frames, ref):
     return [float((backend.infer(f) == r).mean()) for f, r in zip(frames, ref)]
 
 
-@pytest.mark.parametrize("name", ["ort", "torch"])
+@pytest.mark.parametrize("name", ["ort", "openvino", "torch"])
 def test_backend_equals_clip_inference(export_dir, name):
     man = load_manifest(export_dir)
+    ok, why = backend_class(name).available("cpu")
+    if not ok:
+        pytest.skip(why)
     cls, device, _ = select_backend(name, man, "cpu", export_dir)
     a, b = _two_videos()
     ref_a, ref_b = reference_labels(export_dir, a, "a"), reference_labels(export_dir, b, "b")
@@ -70,7 +73,7 @@ def test_backend_rejects_wrong_frame(export_dir):
 
 def _fake_availability(monkeypatch, present):
     """Make backend_class(name).available(device) say yes exactly for (name, device) in present."""
-    for name in ("trt", "ort", "torch"):
+    for name in ("trt", "ort", "openvino", "torch"):
         cls = backend_class(name)
         monkeypatch.setattr(cls, "available", classmethod(
             lambda c, device="cpu": ((c.name, device) in present, f"faked {c.name} {device}")))
@@ -85,6 +88,9 @@ def _fake_availability(monkeypatch, present):
     ({("trt", "cuda"), ("torch", "cuda"), ("ort", "cpu")}, False, ("torch", "cuda")),
     ({("ort", "cpu"), ("torch", "cpu")}, False, ("ort", "cpu")),
     ({("torch", "cpu")}, False, ("torch", "cpu")),
+    # on the CPU the fastest engine first: OpenVINO, then ONNX Runtime, then PyTorch
+    ({("openvino", "cpu"), ("ort", "cpu"), ("torch", "cpu")}, False, ("openvino", "cpu")),
+    ({("openvino", "cpu"), ("torch", "cuda")}, False, ("torch", "cuda")),
 ])
 def test_auto_prefers_any_gpu_backend_to_any_cpu_one(export_dir, monkeypatch, present, engines,
                                                      chosen):
@@ -98,9 +104,9 @@ def test_auto_prefers_any_gpu_backend_to_any_cpu_one(export_dir, monkeypatch, pr
     cls, device, why = select_backend("auto", man, None, export_dir)
     assert (cls.name, device) == chosen, why
     # --device cpu keeps auto on the CPU
-    if ("ort", "cpu") in present:
-        assert select_backend("auto", man, "cpu", export_dir)[:2] == (backend_class("ort"),
-                                                                      "cpu")
+    cpu = next((n for n in ("openvino", "ort") if (n, "cpu") in present), None)
+    if cpu:
+        assert select_backend("auto", man, "cpu", export_dir)[:2] == (backend_class(cpu), "cpu")
 
 
 def test_auto_selection_here(export_dir):
@@ -110,7 +116,8 @@ def test_auto_selection_here(export_dir):
     ok_ort_cuda, _ = backend_class("ort").available("cuda")
     ok_torch_cuda, _ = backend_class("torch").available("cuda")
     if not (ok_trt or ok_ort_cuda or ok_torch_cuda):
-        assert (cls.name, device) == ("ort", "cpu")
+        first = "openvino" if backend_class("openvino").available("cpu")[0] else "ort"
+        assert (cls.name, device) == (first, "cpu")
         assert "no engines" in why
     with pytest.raises(BackendError, match="unknown backend"):
         select_backend("tensorflow", man, None, export_dir)
@@ -152,7 +159,7 @@ def test_backends_without_torch_installed(export_dir):
         "from tbn_runtime.manifest import load_manifest\n"
         f"m = load_manifest({export_dir!r})\n"
         f"cls, dev, why = select_backend('auto', m, 'cpu', {export_dir!r})\n"
-        "assert cls.name == 'ort', why\n"
+        "assert cls.name in ('openvino', 'ort'), why\n"
         "try:\n    select_backend('torch', m, 'cpu')\nexcept BackendError as e:\n    print(e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

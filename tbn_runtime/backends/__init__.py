@@ -22,13 +22,14 @@ from .base import Backend, BackendError
 _REGISTRY: Dict[str, str] = {
     "trt": "tbn_runtime.backends.trt:TrtBackend",
     "ort": "tbn_runtime.backends.ort:OrtBackend",
+    "openvino": "tbn_runtime.backends.openvino:OpenVinoBackend",
     "torch": "tbn_runtime.backends.torch_backend:TorchBackend",
 }
 BACKENDS: Tuple[str, ...] = tuple(_REGISTRY)
 DEVICES = ("cpu", "cuda")
 #: what `auto` tries, in order: every GPU backend before any CPU backend
-AUTO_ORDER = (("trt", "cuda"), ("ort", "cuda"), ("torch", "cuda"), ("ort", "cpu"),
-              ("torch", "cpu"))
+AUTO_ORDER = (("trt", "cuda"), ("ort", "cuda"), ("torch", "cuda"), ("openvino", "cpu"),
+              ("ort", "cpu"), ("torch", "cpu"))
 
 
 def backend_class(name: str) -> Type[Backend]:
@@ -58,6 +59,9 @@ def select_backend(name: str, manifest: Manifest, device: Optional[str] = None,
         ok, reason = cls.available(device)
         if not ok:
             raise BackendError(reason)
+        fits, why_not = cls.accepts(manifest)
+        if not fits:
+            raise BackendError(why_not)
         return cls, device, f"{name} as asked ({reason})"
 
     tried: List[str] = []
@@ -69,6 +73,9 @@ def select_backend(name: str, manifest: Manifest, device: Optional[str] = None,
             tried.append("trt: the export has no engines")
             continue
         ok, reason = cls.available(dev)
+        if ok:
+            ok, why_not = cls.accepts(manifest)
+            reason = reason if ok else why_not
         if ok:
             why = reason + (f"; not chosen: {'; '.join(tried)}" if tried else "")
             return cls, dev, f"{cand} on {dev} ({why})"

@@ -76,6 +76,12 @@ class Backend:
         """(True, what it will use) or (False, what to install / why not). Never raises."""
         raise NotImplementedError
 
+    @classmethod
+    def accepts(cls, manifest: Manifest) -> Tuple[bool, str]:
+        """(False, why and what runs it) for an export this backend refuses here (a precision
+        it cannot run as verified); `auto` then tries the next backend. Never raises."""
+        return True, ""
+
     def _run_feature(self, frames: np.ndarray, slots: List[Any]) -> None:
         """Run (or enqueue) the feature engine on frames (uint8 n x H x W x 3): the feature of
         frame i into ring slot slots[i]."""

@@ -16,6 +16,8 @@ from ..manifest import BATCH_AXIS, Manifest
 from .base import Backend, BackendError, numpy_dtype
 
 _CUDA_EP = "CUDAExecutionProvider"
+#: export precisions ONNX Runtime refuses, and the backends that run them
+BF16_BACKENDS = {"bf16": ("openvino", "torch")}
 _CPU_EP = "CPUExecutionProvider"
 
 
@@ -82,6 +84,15 @@ class OrtBackend(Backend):
                            f"builds come from ONNX Runtime's own package feed)")
         return True, f"onnxruntime {ort.__version__} ({_CUDA_EP if device == 'cuda' else _CPU_EP})"
 
+    @classmethod
+    def accepts(cls, manifest: Manifest) -> Tuple[bool, str]:
+        if manifest.precision in BF16_BACKENDS:
+            return False, (f"ONNX Runtime has no fast bf16 kernels: run this "
+                           f"{manifest.precision} export with --backend "
+                           f"{' or '.join(BF16_BACKENDS[manifest.precision])}, or export "
+                           f"fp32 / int8 for ort")
+        return True, ""
+
     def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu",
                  streams: int = 1, *, spinning: bool = True,
                  threads: Optional[int] = None) -> None:
@@ -89,6 +100,9 @@ class OrtBackend(Backend):
         ok, reason = self.available(device)
         if not ok:
             raise BackendError(reason)
+        fits, why_not = self.accepts(manifest)
+        if not fits:
+            raise BackendError(why_not)
         ort = _import_ort()
         self._ort = ort
         feature_path = manifest.verify_file(export_dir, "feature.onnx")
