@@ -112,6 +112,25 @@ def to_run_precision(model: Any, precision: str) -> Any:
     return model
 
 
+def manifest_for(model: Any, height: int, width: int, precision: str = "fp32",
+                 max_batch: int = 8) -> Manifest:
+    """The manifest an export of `model` at height x width would have, in memory only (no
+    files): what TorchBackend.from_model runs on."""
+    d, s = int(model.size_divisor), int(model.feature_stride)
+    offsets = [int(k) for k in model.temporal_offsets]
+    n = int(model.num_classes)
+    return Manifest(
+        model=str(getattr(model, "model_name", type(model).__name__)), num_classes=n,
+        class_names=[f"class_{i}" for i in range(n)], palette=[[0, 0, 0]] * n,
+        height=int(height), width=int(width), mean=[float(v) for v in MEAN_RGB],
+        std=[float(v) for v in STD_RGB],
+        feature_shape=[1, int(model.feature_chs), -(-height // d) * d // s,
+                       -(-width // d) * d // s],
+        feature_dtype="float16" if precision == "fp16" else "float32",
+        temporal_offsets=offsets, precision=precision,
+        past_inputs=[f"past_{k}" for k in offsets], max_batch=int(max_batch))
+
+
 class _TorchEventClock:
     """Stage timestamps from CUDA events on the current stream (torch.cuda.Event): a CUDA graph
     replay returns before the GPU has finished, so the host clock would charge the feature
@@ -152,7 +171,7 @@ class TorchBackend(Backend):
     def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu",
                  streams: int = 1, cuda_graphs: bool = True, threads: Optional[int] = None,
                  precision: Optional[str] = None, fused_attention: bool = True,
-                 tf32: bool = True, compile: bool = False) -> None:
+                 tf32: bool = True, compile: bool = False, model: Any = None) -> None:
         super().__init__(export_dir, manifest, device, streams)
         ok, reason = self.available(device)
         if not ok:
@@ -168,11 +187,13 @@ class TorchBackend(Backend):
         self.precision, self.precision_note = run_precision(manifest.precision, device,
                                                             precision)
         self.dtype = getattr(torch, _TORCH_DTYPES[self.precision])
-        path = weights_path(export_dir, manifest)
-        try:
-            model, _ = load_model(path)
-        except CheckpointError as e:
-            raise BackendError(str(e)) from e
+        path = "the model given"
+        if model is None:
+            path = weights_path(export_dir, manifest)
+            try:
+                model, _ = load_model(path)
+            except CheckpointError as e:
+                raise BackendError(str(e)) from e
         if tuple(model.temporal_offsets) != tuple(manifest.temporal_offsets):
             raise BackendError(f"weights {path} have temporal offsets {model.temporal_offsets}, "
                                f"the manifest {manifest.temporal_offsets}; export again")
@@ -206,6 +227,15 @@ class TorchBackend(Backend):
             self.clock = _TorchEventClock(torch)
             self._pool = torch.cuda.graph_pool_handle()
             self._graph(1)  # capture the common case now, so that a failure shows at once
+
+    @classmethod
+    def from_model(cls, model: Any, height: int, width: int, device: str = "cpu",
+                   streams: int = 1, max_batch: int = 8, **kwargs: Any) -> "TorchBackend":
+        """A backend over a model in memory (no export: benchmarks and tests at the presets'
+        sizes without an ONNX export). The backend takes the model over: its weights are
+        converted in place to the run precision (`precision=`, default fp32)."""
+        mf = manifest_for(model, height, width, kwargs.pop("precision", "fp32"), max_batch)
+        return cls("", mf, device, streams, model=model, **kwargs)
 
     # -- the two halves, in torch ---------------------------------------------------------------
     def _features(self, frame_u8: Any) -> Any:
