@@ -210,6 +210,24 @@ def test_cuda_trt_engines_built_here_equal_ort(export_dir, fp16_export, frames, 
 
 
 @needs_trt
+def test_cuda_trt_profiles_one_frame_and_batches(export_dir, frames, tmp_path):
+    """Engines with profile 0 for one frame (tuned for 1) and profile 1 for 2..max_batch: one
+    stream runs profile 0, two streams batched profile 1, each equal to its single run."""
+    d = _with_engines(export_dir, tmp_path)
+    man = load_manifest(d)
+    assert man.tensorrt["profiles"] == [[1, 1, 1], [2, man.max_batch, man.max_batch]]
+    a, b = frames, synthetic_frames(9, EXPORT_H, EXPORT_W, seed=8)
+    with backend_class("trt")(d, man, "cuda") as one:
+        assert len(one._contexts) == 2
+        single = (_stream(one, a), _stream(one, b))
+    with backend_class("trt")(d, man, "cuda", streams=2) as two:
+        assert two.batch_limit == 2
+        got = _two_streams(two, a, b)
+    for g, s in zip(got, single):
+        assert min(_agreement(g, s)) >= 0.999
+
+
+@needs_trt
 def test_cuda_export_engine_only_on_an_existing_export(export_dir, tmp_path, capsys):
     from tbn_export.cli import main
 
