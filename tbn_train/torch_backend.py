@@ -15,8 +15,8 @@ An engine rather than the training model run in eval mode:
 - fp32 on CUDA with TF32 matmuls and convolutions (`tf32=False` turns both off); in describe().
 - Swin's shifted-window masks computed once per size, window attention fused
   (F.scaled_dot_product_attention) unless `fused_attention=False`.
-- on CUDA: CUDA graphs of both halves for each batch size up to `batch_limit` (min(streams,
-  max_batch)), captured on first use; frames staged through pinned memory. A capture that fails
+- on CUDA: CUDA graphs of both halves for each batch size up to `batch_limit` (the streams),
+  captured on first use; frames staged through pinned memory. A capture that fails
   runs that batch size eager and says so loudly: a warning, `capture_failures`, describe().
 - `compile=True`: the two halves through torch.compile first (an opt-in to measure).
 """
@@ -206,7 +206,8 @@ class TorchBackend(Backend):
         fused = set_fused_window_attention(model, bool(fused_attention))
         self.fused_attention = bool(fused_attention) and fused > 0
         self.model = to_run_precision(model.to(self.dev).eval(), self.precision)
-        self.batch_limit = max(1, min(self.streams, int(manifest.max_batch)))
+        # any batch runs here (max_batch bounds TensorRT's profiles): graphs per size up to this
+        self.batch_limit = self.streams
         shape = tuple(int(d) for d in manifest.feature_shape)
         self._make_rings(lambda: torch.zeros(shape, dtype=self.dtype, device=self.dev))
         self._mean = torch.tensor(MEAN_RGB, dtype=torch.float32, device=self.dev).view(1, 3, 1, 1)
