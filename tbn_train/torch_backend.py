@@ -300,10 +300,10 @@ class TorchBackend(Backend):
         return f"CUDA graphs per batch size 1..{self.batch_limit}"
 
     def describe(self) -> str:
-        prec = self.precision + (" with TF32" if self.tf32 else "")
-        if self.device == "cuda" and self.precision == "fp32" and not self.tf32:
-            prec += " (TF32 off)"
-        parts = [prec + " weights", self.graph_note,
+        prec = self.precision + " weights"
+        if self.device == "cuda" and self.precision == "fp32":
+            prec += ", TF32 matmuls and convolutions" if self.tf32 else ", TF32 off"
+        parts = [prec, self.graph_note,
                  "fused attention" if self.fused_attention else "timm attention",
                  f"window masks cached ({self.masks_cached} blocks)"]
         if self.compiled:
