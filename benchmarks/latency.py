@@ -11,7 +11,7 @@ Rows (choose with --only; default: every row that can run here):
   naive-fp16  the same under CUDA fp16 autocast (--device cuda)
   ring        PyTorch with the feature ring (the runtime's torch backend: features once per frame;
               CUDA graphs on CUDA)
-  ring-fp16   the same with fp16 autocast (--device cuda)
+  ring-fp16   the same with fp16 weights (--device cuda)
   ort         ONNX Runtime, fp32 export, through the runtime's ort backend (IOBinding ring)
   ort-fp16    ONNX Runtime, fp16 export
   ort-int8    ONNX Runtime, INT8 export (Q/DQ feature graph, fp32 temporal graph); made on the

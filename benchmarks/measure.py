@@ -105,6 +105,8 @@ def build_rows(rows: Sequence[str], labels: Dict[str, str], src: Source, device:
         res["_times"], res["_transient"], res["_dev_peak"] = [], 0, 0
         res["_equal"], res["_pixels"] = 0, 0
         backend = getattr(path, "backend", None)
+        if getattr(backend, "capture_failures", None):  # the torch backend ran eager: say so
+            res["label"] += " (CUDA GRAPH CAPTURE FAILED: eager)"
         res["_stage0"] = dict(backend.timings) if backend is not None else None
         live.append((res, path))
         print(f"latency: {row}: ready ({res['describe']}, {res['setup_s']:.1f} s)",

@@ -10,7 +10,8 @@ them as one batch, the temporal engine too, each stream keeping its own ring. Me
 frames of all streams per second of engine steps (decode and writes excluded: they run in other
 threads in tbn-run), the median step time, and the speed-up over one stream. Rows: ONNX Runtime
 (the export's precision), OpenVINO (batched requests; openvino-async: one async request per
-stream on OpenVINO's throughput streams), PyTorch (eager batches; fp16 autocast on CUDA),
+stream on OpenVINO's throughput streams), PyTorch (fp16 weights and CUDA graphs per batch size
+on CUDA),
 TensorRT where it is installed. Steps are interleaved across the stream counts of a row, so a
 machine's drift hits them alike; quote ratios within one run.
 """

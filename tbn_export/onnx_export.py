@@ -22,8 +22,9 @@ import inspect
 import io
 import logging
 import os
+import shutil
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import onnx
 import torch
@@ -45,6 +46,8 @@ OPSET = 17
 MIN_SIZE = 32
 FEATURE_ONNX = "feature.onnx"
 TEMPORAL_ONNX = "temporal.onnx"
+#: the checkpoint, copied into the export for the torch backend
+WEIGHTS_FILE = "weights.safetensors"
 #: ops a deployable graph must not contain (training-only, or not eval-folded).
 TRAINING_OPS = ("Dropout", "BatchNormalization")
 
@@ -311,11 +314,15 @@ def _temporal_onnx(model: nn.Module, feature: torch.Tensor, past_names: List[str
 
 def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: bool = False,
                 logits: bool = False, checkpoint_path: Optional[str] = None,
-                max_batch: int = MAX_BATCH, bf16: bool = False) -> Manifest:
+                max_batch: int = MAX_BATCH, bf16: bool = False,
+                bundle_weights: bool = True) -> Manifest:
     """Write feature.onnx, temporal.onnx and manifest.json for `model` into out_dir.
 
     bf16=True: fp32 graphs whose manifest asks the runtime to compute the feature engine in
     bf16 (BF16_COMPUTE); precision "bf16".
+    With checkpoint_path, the checkpoint is copied in as weights.safetensors (listed with its
+    sha256; the manifest's checkpoint "file"), so that a copied export runs on the torch
+    backend anywhere; bundle_weights=False records only the checkpoint's path and sha256.
 
     The model is put in eval mode. The files are written in place (each one atomically); the
     CLI exports into a temporary directory and renames it, so a whole export appears at once.
@@ -348,10 +355,15 @@ def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: b
     save_onnx(temp_onnx, os.path.join(out_dir, TEMPORAL_ONNX))
 
     names, palette = class_vocabulary(int(model.num_classes))
-    checkpoint = {"path": None, "sha256": None}
+    checkpoint: Dict[str, Any] = {"path": None, "sha256": None}
     if checkpoint_path is not None:
         checkpoint = {"path": os.path.abspath(checkpoint_path),
                       "sha256": sha256_file(checkpoint_path)}
+        if bundle_weights:  # the torch backend's weights travel with the export
+            dst = os.path.join(out_dir, WEIGHTS_FILE)
+            if not (os.path.exists(dst) and os.path.samefile(dst, checkpoint_path)):
+                atomic_write(dst, lambda tmp: shutil.copyfile(checkpoint_path, tmp))
+            checkpoint["file"] = WEIGHTS_FILE
     manifest = Manifest(
         model=str(getattr(model, "model_name", model.__class__.__name__)),
         num_classes=int(model.num_classes),
@@ -374,5 +386,7 @@ def export_onnx(model: nn.Module, out_dir: str, height: int, width: int, fp16: b
     )
     manifest.add_file(out_dir, FEATURE_ONNX)
     manifest.add_file(out_dir, TEMPORAL_ONNX)
+    if checkpoint.get("file"):
+        manifest.add_file(out_dir, WEIGHTS_FILE)
     manifest.save(out_dir)
     return manifest

@@ -138,19 +138,32 @@ def _use_timing_cache(config: Any, path: str) -> None:
         raise EngineBuildError("TensorRT could not create an empty timing cache")
 
 
-def _batch_profile(builder: Any, network: Any, max_batch: int) -> Any:
-    """An optimization profile taking 1..max_batch frames on every input's batch axis (the
-    other axes are static), tuned for max_batch: batching is for many streams."""
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        shape = list(tensor.shape)
-        if any(d < 0 for d in shape[1:]):
-            raise EngineBuildError(f"input '{tensor.name}' has a dynamic axis besides the batch "
-                                   f"({shape}); export again with this tbn-export")
-        lo, hi = [1] + shape[1:], [max_batch] + shape[1:]
-        profile.set_shape(tensor.name, lo, hi, hi)
-    return profile
+def batch_profiles(max_batch: int) -> List[List[int]]:
+    """The (min, opt, max) batch of each optimization profile: profile 0 takes one frame and
+    is tuned for it (the common single stream); with max_batch > 1, profile 1 takes
+    2..max_batch, tuned for max_batch (many streams). trt.py picks one by batch size."""
+    profiles = [[1, 1, 1]]
+    if max_batch > 1:
+        profiles.append([2, max_batch, max_batch])
+    return profiles
+
+
+def _batch_profiles(builder: Any, network: Any, max_batch: int) -> List[Any]:
+    """One TensorRT optimization profile per entry of batch_profiles on every input's batch
+    axis (the other axes are static)."""
+    out = []
+    for lo, opt, hi in batch_profiles(max_batch):
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            shape = list(tensor.shape)
+            if any(d < 0 for d in shape[1:]):
+                raise EngineBuildError(f"input '{tensor.name}' has a dynamic axis besides the "
+                                       f"batch ({shape}); export again with this tbn-export")
+            profile.set_shape(tensor.name, [lo] + shape[1:], [opt] + shape[1:],
+                              [hi] + shape[1:])
+        out.append(profile)
+    return out
 
 
 def build_engine(onnx_path: str, engine_path: str, timing_cache_path: str,
@@ -175,7 +188,8 @@ def build_engine(onnx_path: str, engine_path: str, timing_cache_path: str,
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if any(network.get_input(i).shape[0] < 0 for i in range(network.num_inputs)):
-        config.add_optimization_profile(_batch_profile(builder, network, max_batch))
+        for profile in _batch_profiles(builder, network, max_batch):
+            config.add_optimization_profile(profile)
     _use_timing_cache(config, timing_cache_path)
     # Errors logged so far are the cache's (a cache of another TensorRT or GPU, which is then
     # not used): forget them, so that a failed build names its own failing layer.
@@ -233,7 +247,8 @@ def build_engines(export_dir: str, workspace_gb: float = 4.0, log_level: str = "
     manifest.tensorrt = {"version": trt.__version__, "gpu": info["gpu"],
                          "compute_capability": info["compute_capability"],
                          "workspace_gb": workspace_gb, "strongly_typed": True,
-                         "max_batch": manifest.max_batch}
+                         "max_batch": manifest.max_batch,
+                         "profiles": batch_profiles(manifest.max_batch)}
     manifest.versions["tensorrt"] = trt.__version__
     manifest.save(export_dir)
     return manifest

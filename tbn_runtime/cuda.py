@@ -8,6 +8,9 @@ CudaError naming the call. Nothing here swallows an error.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from typing import Any, Tuple
 
 from .errors import BackendError
@@ -43,6 +46,34 @@ def check(result: Any, what: str = "CUDA call") -> Any:
     if not rest:
         return None
     return rest[0] if len(rest) == 1 else tuple(rest)
+
+
+def driver_gpu_count() -> int:
+    """CUDA devices the NVIDIA driver reports, asked without torch or cuda-python: 0 at once on
+    a Linux machine with no NVIDIA device node (nothing loaded), else libcuda through ctypes
+    (cuInit + cuDeviceGetCount, which honour CUDA_VISIBLE_DEVICES); 0 where there is no driver.
+    What `auto` asks first, so that a CPU-only machine never imports torch to learn it has no
+    GPU (2 s and 1 GB) and is never told how to install CUDA packages."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return 0
+    if sys.platform.startswith("linux") and not any(
+            os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/dxg")):
+        return 0  # no NVIDIA kernel driver (/dev/dxg: WSL's GPU)
+    names = ["nvcuda.dll"] if sys.platform == "win32" else ["libcuda.so.1", "libcuda.so",
+                                                             "/usr/lib/wsl/lib/libcuda.so.1"]
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        try:
+            if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+                return 0
+        except AttributeError:
+            return 0
+        return int(count.value)
+    return 0
 
 
 def device_count() -> int:

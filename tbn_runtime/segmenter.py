@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 
 import numpy as np
 
-from .backends import Backend, select_backend
+from .backends import Backend, open_backend
 from .console import DEFAULT_RUN
 from .manifest import MANIFEST_NAME, ManifestError, load_manifest
 from .preprocess import resize_frame, resize_labels
@@ -91,8 +91,8 @@ class Segmenter:
         else:
             export = export or default_export()
             manifest = load_manifest(export)
-            cls, device, self.why = select_backend(backend, manifest, device, export)
-            self.backend = cls(export, manifest, device, streams, threads=threads)
+            self.backend, self.why = open_backend(backend, manifest, device, export, streams,
+                                                  threads=threads)
         self.manifest = self.backend.manifest
         self.export = self.backend.export_dir
         #: class names by train id, and their colours (BGR) for colorize()

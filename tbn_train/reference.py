@@ -27,16 +27,19 @@ from tbn_runtime.temporal import clip_indices
 class ClipReference:
     """model(clip) frame by frame, keeping the last max(offsets) + 1 normalised frames.
 
-    device: where the model runs (the model is moved there); fp16: CUDA autocast.
+    device: where the model runs (the model is moved there); fp16: CUDA autocast in fp16;
+    bf16: autocast in bf16 (CUDA or CPU), as a PyTorch user would run the model in bf16.
     Frames are normalised as `tbn_runtime.preprocess.normalize_bgr` (and the exported graph)
     do: BGR -> RGB, float, subtract the mean, divide by the std.
     """
 
-    def __init__(self, model: torch.nn.Module, device: str = "cpu", fp16: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, device: str = "cpu", fp16: bool = False,
+                 bf16: bool = False) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.offsets = tuple(getattr(model, "temporal_offsets", ()))
         self.fp16 = fp16
+        self.bf16 = bf16 and not fp16
         self.mean = torch.tensor(MEAN_RGB, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD_RGB, device=self.device).view(1, 3, 1, 1)
         #: the normalised frames the next clips need, oldest first (1 x 3 x H x W each)
@@ -58,7 +61,9 @@ class ClipReference:
         first = self.t + 1 - len(self.normalized)
         idx = clip_indices(self.t, self.offsets) if self.offsets else [self.t]
         clip = torch.cat([self.normalized[i - first] for i in idx])[None]
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
+        dtype = torch.bfloat16 if self.bf16 else torch.float16
+        where = "cuda" if self.fp16 else self.device.type  # fp16 autocast: CUDA only, as before
+        with torch.autocast(where, dtype=dtype, enabled=self.fp16 or self.bf16):
             return self.model(clip)
 
     def labels(self, frame: np.ndarray) -> np.ndarray:

@@ -4,7 +4,8 @@ Every test id here contains "cuda", so `pytest -k cuda` (what benchmarks/gpu_che
 GPU machine) selects exactly these: the torch backend with CUDA graphs (fp32 and fp16), ONNX
 Runtime's CUDA provider with IOBinding over a device ring, TensorRT engines built inside the
 test and streamed through the trt backend, `tbn-export --engine-only`, and training on CUDA
-(bf16 and fp16 AMP, gradient checkpointing, SyncBatchNorm in an NCCL group).
+(bf16 and fp16 AMP, gradient checkpointing, SyncBatchNorm synchronising two ranks), and the
+cuda-python plumbing of the trt backend without TensorRT (tests/test_cuda_plumbing.py).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def fp16_export(export_dir, tmp_path_factory):
 
 
 def _reference_on_cuda(export_dir, frames, fp16=False):
+    # the fp32 reference for every precision (fp16/bf16 labels are compared against fp32)
     """The clip-inference reference, on the GPU (same device arithmetic as the backend)."""
     from tbn_train.checkpoint import load_model
     from tbn_train.reference import ClipReference
@@ -82,18 +84,22 @@ def _agreement(a, b):
     return [float((x == y).mean()) for x, y in zip(a, b)]
 
 
-# -- the runtime's torch backend: CUDA graphs ----------------------------------------------------
+# -- the torch backend: CUDA graphs ---------------------------------------------------------------
 @needs_cuda
-@pytest.mark.parametrize("precision, threshold", [("fp32", 0.999), ("fp16", 0.995)])
+@pytest.mark.parametrize("precision, threshold", [("fp32", 0.999), ("fp16", 0.995),
+                                                  ("bf16", 0.995)])
 def test_cuda_torch_backend_graphs_equal_clip_inference(export_dir, frames, precision,
                                                         threshold):
     import dataclasses
 
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
     man = dataclasses.replace(load_manifest(export_dir), precision=precision)
-    ref = _reference_on_cuda(export_dir, frames, fp16=precision == "fp16")
+    ref = _reference_on_cuda(export_dir, frames)
     with backend_class("torch")(export_dir, man, "cuda") as b:
         # a capture that fell back to eager would pass the comparison silently: refuse it
-        assert b.graph_note == "CUDA graphs", b.graph_note
+        assert not b.capture_failures and "CUDA graphs" in b.describe(), b.describe()
+        assert f"{precision}" in b.describe() and ("TF32" in b.describe()) == (precision == "fp32")
         got = _stream(b, frames)
         assert min(_agreement(got, ref)) >= threshold  # frame by frame, the first nine too
         # the two stages are timed with CUDA events, push() included
@@ -101,6 +107,53 @@ def test_cuda_torch_backend_graphs_equal_clip_inference(export_dir, frames, prec
         b.reset()
         b.push(frames[0])
         assert b.timings["push"] > 0
+
+
+def _two_streams(backend, a, b):
+    """Videos a and b through streams 0 and 1 of one backend, batched frame by frame."""
+    backend.reset(0)
+    backend.reset(1)
+    out_a, out_b = [], []
+    for i in range(max(len(a), len(b))):
+        idx = [s for s, v in ((0, a), (1, b)) if i < len(v)]
+        got = backend.step([(a, b)[s][i] for s in idx], idx, [True] * len(idx))
+        for s, labels in zip(idx, got):
+            (out_a, out_b)[s].append(labels)
+    return out_a, out_b
+
+
+@needs_cuda
+def test_cuda_torch_backend_graphs_per_batch_size_for_streams(export_dir, frames):
+    """--streams 2: batches of 2 (and of 1 where one video has ended) replay their own
+    graphs; each stream's labels equal its single-stream run."""
+    man = load_manifest(export_dir)
+    a, b = frames, synthetic_frames(9, EXPORT_H, EXPORT_W, seed=8)
+    with backend_class("torch")(export_dir, man, "cuda") as one:
+        single = (_stream(one, a), _stream(one, b))
+    with backend_class("torch")(export_dir, man, "cuda", streams=2) as two:
+        got = _two_streams(two, a, b)
+        assert sorted(two._graphs) == [1, 2] and not two.capture_failures, two.describe()
+    for g, s in zip(got, single):
+        assert min(_agreement(g, s)) >= 0.999
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_graph_capture_at_the_presets_export_size(precision):
+    """The capture that matters: random-init tbn_swin_l at its export size (480 x 864); a
+    failure there would make every GPU user run eager."""
+    from tbn_train.models import build_model
+    from tbn_train.torch_backend import TorchBackend
+
+    torch.manual_seed(0)
+    model = build_model("tbn_swin_l")
+    with TorchBackend.from_model(model, 480, 864, "cuda", precision=precision) as b:
+        assert not b.capture_failures, b.describe()
+        assert b.masks_cached > 0 and b.fused_attention, b.describe()
+        b.reset()
+        for f in synthetic_frames(3, 480, 864, seed=1):
+            assert b.infer(f).shape == (480, 864)
+        assert list(b._graphs) == [1]
 
 
 # -- ONNX Runtime's CUDA provider ---------------------------------------------------------------
@@ -111,6 +164,21 @@ def test_cuda_ort_provider_with_device_ring_equals_cpu(export_dir, frames):
             backend_class("ort")(export_dir, man, "cpu") as cpu:
         assert "CUDAExecutionProvider" in gpu.describe() and "'cuda'" in gpu.describe()
         assert min(_agreement(_stream(gpu, frames), _stream(cpu, frames))) >= 0.999
+
+
+@needs_ort_cuda
+def test_cuda_ort_provider_two_streams_batched(export_dir, frames):
+    """streams=2 on the CUDA provider: the batched path gathers and scatters ring rows on the
+    device (ort.py's _copy_rows, cudaMemcpy); each stream equals its single-stream run."""
+    man = load_manifest(export_dir)
+    a, b = frames, synthetic_frames(9, EXPORT_H, EXPORT_W, seed=8)
+    with backend_class("ort")(export_dir, man, "cuda") as one:
+        single = (_stream(one, a), _stream(one, b))
+    with backend_class("ort")(export_dir, man, "cuda", streams=2) as two:
+        assert two.batch_limit == 2, two.describe()
+        got = _two_streams(two, a, b)
+    for g, s in zip(got, single):
+        assert min(_agreement(g, s)) >= 0.999
 
 
 # -- TensorRT -------------------------------------------------------------------------------------
@@ -142,6 +210,24 @@ def test_cuda_trt_engines_built_here_equal_ort(export_dir, fp16_export, frames, 
 
 
 @needs_trt
+def test_cuda_trt_profiles_one_frame_and_batches(export_dir, frames, tmp_path):
+    """Engines with profile 0 for one frame (tuned for 1) and profile 1 for 2..max_batch: one
+    stream runs profile 0, two streams batched profile 1, each equal to its single run."""
+    d = _with_engines(export_dir, tmp_path)
+    man = load_manifest(d)
+    assert man.tensorrt["profiles"] == [[1, 1, 1], [2, man.max_batch, man.max_batch]]
+    a, b = frames, synthetic_frames(9, EXPORT_H, EXPORT_W, seed=8)
+    with backend_class("trt")(d, man, "cuda") as one:
+        assert len(one._contexts) == 2
+        single = (_stream(one, a), _stream(one, b))
+    with backend_class("trt")(d, man, "cuda", streams=2) as two:
+        assert two.batch_limit == 2
+        got = _two_streams(two, a, b)
+    for g, s in zip(got, single):
+        assert min(_agreement(g, s)) >= 0.999
+
+
+@needs_trt
 def test_cuda_export_engine_only_on_an_existing_export(export_dir, tmp_path, capsys):
     from tbn_export.cli import main
 
@@ -151,7 +237,7 @@ def test_cuda_export_engine_only_on_an_existing_export(export_dir, tmp_path, cap
     man = load_manifest(d)
     assert {"feature.engine", "temporal.engine"} <= set(man.files)
     assert os.path.isfile(os.path.join(d, "timing.cache"))
-    assert "built TensorRT" in capsys.readouterr().out
+    assert "built TensorRT" in capsys.readouterr().err  # tbn-export logs to stderr
     assert main(["--engine-only", "--out", d]) == 0  # again: the timing cache is reused
 
 
@@ -226,8 +312,58 @@ def test_cuda_grad_checkpointing_gives_the_same_gradients():
         assert torch.allclose(plain[name], ckpt[name], rtol=1e-3, atol=1e-5), name
 
 
+def _syncbn_rank(rank, world, port, x, out):
+    """One rank of the SyncBatchNorm test: its share of the batch through SyncBatchNorm."""
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        bn = nn.SyncBatchNorm(x.shape[1]).cuda().train()
+        y = bn(torch.from_numpy(x).chunk(world)[rank].cuda())
+        out.put((rank, y.detach().cpu().numpy(), bn.running_mean.cpu().numpy(),
+                 bn.running_var.cpu().numpy()))
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_cuda
+def test_cuda_syncbatchnorm_synchronises_two_ranks():
+    """Two ranks, each half of the batch: SyncBatchNorm's output and running statistics equal
+    plain BatchNorm over the whole batch, which they would not without synchronisation. One
+    GPU holds both ranks: NCCL refuses two ranks on one device, so the group is gloo (whose
+    all_gather takes CUDA tensors); NCCL's own transport between GPUs is not tested here."""
+    import multiprocessing as mp
+
+    import torch.nn as nn
+
+    x = np.random.default_rng(0).standard_normal((8, 6, 5, 7)).astype(np.float32)
+    x[4:] = 3 * x[4:] + 2  # the halves differ: unsynchronised statistics would differ too
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_syncbn_rank, args=(r, 2, port, x, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, rest) for r, *rest in (out.get(timeout=300) for _ in procs))
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    bn = nn.BatchNorm2d(x.shape[1]).train()
+    y = bn(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(np.concatenate([got[0][0], got[1][0]]), y, rtol=1e-4, atol=1e-4)
+    for r in (0, 1):
+        np.testing.assert_allclose(got[r][1], bn.running_mean.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[r][2], bn.running_var.numpy(), rtol=1e-4, atol=1e-5)
+
+
 @needs_cuda
 def test_cuda_syncbatchnorm_step_in_an_nccl_group():
+    """The training setup on NCCL: convert_sync_batchnorm, DDP, one step. With world_size 1
+    torch skips SyncBatchNorm's synchronisation: that is the test above."""
     import torch.distributed as dist
     import torch.nn as nn
 

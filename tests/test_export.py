@@ -203,7 +203,10 @@ def test_cli_export_then_reexport(checkpoint, tiny, tmp_path, capsys):
     assert f"{H}x{W}" in text and "crop_size" in text  # the size used, and where it came from
     m = load_manifest(str(out))
     assert (m.height, m.width) == (H, W)
-    assert m.checkpoint == {"path": os.path.abspath(checkpoint), "sha256": sha256_file(checkpoint)}
+    assert m.checkpoint == {"path": os.path.abspath(checkpoint), "sha256": sha256_file(checkpoint),
+                            "file": "weights.safetensors"}
+    # the weights travel with the export: a byte copy of the checkpoint, listed with its sha256
+    assert m.files["weights.safetensors"]["sha256"] == sha256_file(checkpoint)
     try:
         import tensorrt  # noqa: F401
     except Exception:

@@ -11,6 +11,7 @@ import pytest
 
 from runtime_helpers import EXPORT_H, EXPORT_W, reference_labels, synthetic_frames
 from tbn_runtime.backends import BackendError, backend_class, select_backend
+from tbn_runtime.backends import gpu_present as backends_gpu_present
 from tbn_runtime.backends.base import Backend
 from tbn_runtime.manifest import ManifestError, load_manifest
 
@@ -72,7 +73,10 @@ def test_backend_rejects_wrong_frame(export_dir):
 
 
 def _fake_availability(monkeypatch, present):
-    """Make backend_class(name).available(device) say yes exactly for (name, device) in present."""
+    """Make backend_class(name).available(device) say yes exactly for (name, device) in present
+    (and the driver report a GPU when one of them is on cuda)."""
+    import tbn_runtime.backends as backends
+    monkeypatch.setattr(backends, "gpu_present", lambda: any(d == "cuda" for _, d in present))
     for name in ("trt", "ort", "openvino", "torch"):
         cls = backend_class(name)
         monkeypatch.setattr(cls, "available", classmethod(
@@ -118,7 +122,9 @@ def test_auto_selection_here(export_dir):
     if not (ok_trt or ok_ort_cuda or ok_torch_cuda):
         first = "openvino" if backend_class("openvino").available("cpu")[0] else "ort"
         assert (cls.name, device) == (first, "cpu")
-        assert "no engines" in why
+        if not backends_gpu_present():  # a CPU-only machine: said once, no CUDA install hints
+            assert "no CUDA device" in why
+            assert not any(h in why for h in ("gpu-cu1", "onnxruntime-gpu", "pip")), why
     with pytest.raises(BackendError, match="unknown backend"):
         select_backend("tensorflow", man, None, export_dir)
     with pytest.raises(BackendError, match="--engine-only"):
@@ -135,16 +141,22 @@ def test_onnx_sha256_mismatch(export_dir, tmp_path):
         backend_class("ort")(bad, man, "cpu")
 
 
-def test_torch_backend_checks_checkpoint(export_dir, tmp_path):
+def test_torch_backend_checks_its_weights(export_dir, tmp_path):
+    """The bundled weights.safetensors is checked against its sha256; so is the checkpoint an
+    older export names by path."""
     bad = str(tmp_path / "export")
     shutil.copytree(export_dir, bad)
+    with open(os.path.join(bad, "weights.safetensors"), "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BackendError, match="sha256"):
+        backend_class("torch")(bad, load_manifest(bad), "cpu")
     ckpt = str(tmp_path / "changed.safetensors")
     shutil.copy(load_manifest(export_dir).checkpoint["path"], ckpt)
     with open(ckpt, "ab") as f:
         f.write(b"\0")
     path = os.path.join(bad, "manifest.json")
     data = json.load(open(path))
-    data["checkpoint"]["path"] = ckpt
+    data["checkpoint"] = {"path": ckpt, "sha256": data["checkpoint"]["sha256"]}
     json.dump(data, open(path, "w"))
     with pytest.raises(BackendError, match="sha256"):
         backend_class("torch")(bad, load_manifest(bad), "cpu")

@@ -23,7 +23,6 @@ def test_import_and_help_without_torch():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['tbn_train'] = None\n"
             "import tbn_runtime, tbn_runtime.cli, tbn_runtime.stream, tbn_runtime.sources\n"
             "import tbn_runtime.backends, tbn_runtime.backends.ort, tbn_runtime.backends.trt\n"
-            "import tbn_runtime.backends.torch_backend\n"
             "bad = [m for m in ('tensorrt', 'cuda', 'cuda.bindings') if m in sys.modules]\n"
             "assert not bad, bad\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -84,6 +84,9 @@ class TrtBackend(Backend):
                                                                    "temporal.engine"))
             self.feature_ctx = self._context(self.feature_engine, "feature")
             self.temporal_ctx = self._context(self.temporal_engine, "temporal")
+            #: (feature, temporal) context per optimization profile; engines built by this
+            #: tbn-export have profile 0 for one frame (tuned for it) and 1 for 2..max_batch
+            self._contexts: List[Tuple[Any, Any]] = [(self.feature_ctx, self.temporal_ctx)]
             self._allocate()
         except BaseException:
             self.close()
@@ -137,9 +140,10 @@ class TrtBackend(Backend):
             raise BackendError(f"tensor '{name}' has a dynamic shape {shape} beyond its batch "
                                f"axis; {_REBUILD}")
         most = shape[0]
-        if most < 0:  # the batch axis: its optimization profile says how many frames fit
+        if most < 0:  # the batch axis: its optimization profiles say how many frames fit
             if engine.get_tensor_mode(name) == self._trt.TensorIOMode.INPUT:
-                most = int(engine.get_tensor_profile_shape(name, 0)[2][0])
+                most = max(int(engine.get_tensor_profile_shape(name, p)[2][0])
+                           for p in range(engine.num_optimization_profiles))
             else:
                 most = 1 << 30  # outputs follow the inputs
         return (1,) + shape[1:], np.dtype(self._trt.nptype(engine.get_tensor_dtype(name))), most
@@ -153,6 +157,15 @@ class TrtBackend(Backend):
         m, cudart = self.manifest, self._cudart
         self.stream = cuda.check(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.clock = cuda.EventClock(self.stream)
+        profiles = min(self.feature_engine.num_optimization_profiles,
+                       self.temporal_engine.num_optimization_profiles)
+        for p in range(1, profiles):  # a context per profile: no switching between calls
+            pair = (self._context(self.feature_engine, "feature"),
+                    self._context(self.temporal_engine, "temporal"))
+            for ctx in pair:
+                if not ctx.set_optimization_profile_async(p, int(self.stream)):
+                    raise BackendError(f"TensorRT refused optimization profile {p}; {_REBUILD}")
+            self._contexts.append(pair)
         fshape, fdtype, _ = self._tensor(self.feature_engine, m.feature_output)
         if list(fshape) != [int(d) for d in m.feature_shape] or fdtype != numpy_dtype(
                 m.feature_dtype):
@@ -173,18 +186,26 @@ class TrtBackend(Backend):
         self._frame_host = _Pinned((n,) + in_shape[1:], np.dtype(np.uint8))
         self._pinned.append(self._frame_host)
         self._frame_dev = self._malloc(self._frame_host.nbytes)
-        self._bind(self.feature_ctx, m.frame_input, self._frame_dev)
+        for fctx, _ in self._contexts:
+            self._bind(fctx, m.frame_input, self._frame_dev)
 
         lshape, ldtype, _ = self._tensor(self.temporal_engine, m.labels_output)
         self._labels_host = _Pinned((n,) + lshape[1:], ldtype)
         self._pinned.append(self._labels_host)
         self._labels_dev = self._malloc(self._labels_host.nbytes)
-        self._bind(self.temporal_ctx, m.labels_output, self._labels_dev)
+        for _, tctx in self._contexts:
+            self._bind(tctx, m.labels_output, self._labels_dev)
         if m.logits_output:
             shape, dtype, _ = self._tensor(self.temporal_engine, m.logits_output)
-            self._bind(self.temporal_ctx, m.logits_output,
-                       self._malloc(n * int(np.prod(shape)) * dtype.itemsize))
+            logits = self._malloc(n * int(np.prod(shape)) * dtype.itemsize)
+            for _, tctx in self._contexts:
+                self._bind(tctx, m.logits_output, logits)
         self._gpu = cuda.gpu_info()
+
+    def _pair(self, n: int) -> Tuple[Any, Any]:
+        """The (feature, temporal) contexts whose profile takes n frames: profile 0 (one frame)
+        for n == 1, the batch profile for more (one profile: the only one)."""
+        return self._contexts[0 if n == 1 else len(self._contexts) - 1]
 
     def _shape(self, ctx: Any, engine: Any, name: str, n: int) -> None:
         """Tell a context with a batch axis how many frames come (static engines: nothing)."""
@@ -213,11 +234,12 @@ class TrtBackend(Backend):
         cuda.check(cudart.cudaMemcpyAsync(self._frame_dev, self._frame_host.ptr, host.nbytes,
                                           cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, s),
                    "cudaMemcpyAsync (frames to device)")
-        self._shape(self.feature_ctx, self.feature_engine, m.frame_input, n)
+        ctx = self._pair(n)[0]
+        self._shape(ctx, self.feature_engine, m.frame_input, n)
         # one frame: straight into its ring slot; a batch: into staging, then to the slots
         out = slots[0] if n == 1 else self._staging[m.feature_output]
-        self._bind(self.feature_ctx, m.feature_output, out)
-        if not self.feature_ctx.execute_async_v3(int(s)):
+        self._bind(ctx, m.feature_output, out)
+        if not ctx.execute_async_v3(int(s)):
             raise BackendError("TensorRT feature engine failed to enqueue")
         if n > 1:
             for i, slot in enumerate(slots):
@@ -227,16 +249,17 @@ class TrtBackend(Backend):
         cudart, s, m, n = self._cudart, self.stream, self.manifest, len(current)
         names = [m.current_input] + list(m.past_inputs)
         columns = [current] + [[p[k] for p in past] for k in range(len(m.past_inputs))]
+        ctx = self._pair(n)[1]
         for name, column in zip(names, columns):
-            self._shape(self.temporal_ctx, self.temporal_engine, name, n)
+            self._shape(ctx, self.temporal_engine, name, n)
             if n == 1:
-                self._bind(self.temporal_ctx, name, column[0])
+                self._bind(ctx, name, column[0])
                 continue
             staging = self._staging[name]
             for i, slot in enumerate(column):
                 self._copy(staging + i * self._slot_bytes, int(slot), self._slot_bytes)
-            self._bind(self.temporal_ctx, name, staging)
-        if not self.temporal_ctx.execute_async_v3(int(s)):
+            self._bind(ctx, name, staging)
+        if not ctx.execute_async_v3(int(s)):
             raise BackendError("TensorRT temporal engine failed to enqueue")
         host = self._labels_host.array[:n]
         cuda.check(cudart.cudaMemcpyAsync(self._labels_host.ptr, self._labels_dev, host.nbytes,
@@ -254,6 +277,7 @@ class TrtBackend(Backend):
             return
         if self.stream is not None:
             cudart.cudaStreamSynchronize(self.stream)
+        self._contexts = []
         for attr in ("feature_ctx", "temporal_ctx", "feature_engine", "temporal_engine"):
             if hasattr(self, attr):  # contexts and engines before the memory they use
                 delattr(self, attr)

@@ -118,3 +118,54 @@ def _create(name: str, pretrained: Optional[str], **timm_kwargs) -> nn.Module:
     except Exception as e:
         raise BackboneError(f"pretrained backbone file {path} does not fit '{name}': "
                             f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__}") from e
+
+
+# -- inference speed-ups of timm's Swin (the torch backend; labels unchanged, tested) -------------
+def cache_window_masks(model: nn.Module) -> int:
+    """Compute each shifted-window attention mask once per feature size; returns the blocks.
+
+    Swin is built with strict_img_size=False (any input size), so timm's blocks rebuild their
+    mask from the padded map on every call (`dynamic_mask`: a dozen small kernels in each of
+    Swin-L's 12 shifted blocks, every frame). The mask depends only on the map's size, device
+    and dtype: this memoises timm's own `get_attn_mask` on those, so the values are the same and
+    a CUDA graph captures a constant. For inference (the masks are made without autograd).
+    """
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    count = 0
+    for block in model.modules():
+        if not isinstance(block, SwinTransformerBlock) or not getattr(block, "dynamic_mask",
+                                                                      False):
+            continue
+        if getattr(block, "_tbn_mask_cache", None) is not None:
+            count += 1
+            continue
+        original, cache = block.get_attn_mask, {}
+
+        def cached(x=None, device=None, dtype=None, _original=original, _cache=cache):
+            if x is None:
+                return _original(x, device, dtype)
+            key = (x.shape[1], x.shape[2], x.device, x.dtype)
+            if key not in _cache:
+                with torch.no_grad():
+                    _cache[key] = _original(x)
+            return _cache[key]
+
+        block.get_attn_mask = cached
+        block._tbn_mask_cache = cache
+        count += 1
+    return count
+
+
+def set_fused_window_attention(model: nn.Module, enable: bool = True) -> int:
+    """Swin's window attention through F.scaled_dot_product_attention (timm's `fused_attn`,
+    off by default in timm for Swin as "experimental"); returns the attention layers changed.
+    The same arithmetic in one kernel (the bias and mask as its additive attn_mask)."""
+    from timm.models.swin_transformer import WindowAttention
+
+    count = 0
+    for attn in model.modules():
+        if isinstance(attn, WindowAttention):
+            attn.fused_attn = bool(enable)
+            count += 1
+    return count
