@@ -146,7 +146,8 @@ def test_cuda_graph_capture_at_the_presets_export_size(precision):
     from tbn_train.torch_backend import TorchBackend
 
     torch.manual_seed(0)
-    model = build_model("tbn_swin_l")
+    with torch.device("cuda"):  # initialised on the GPU: seconds less than on the CPU
+        model = build_model("tbn_swin_l")
     with TorchBackend.from_model(model, 480, 864, "cuda", precision=precision) as b:
         assert not b.capture_failures, b.describe()
         assert b.masks_cached > 0 and b.fused_attention, b.describe()
