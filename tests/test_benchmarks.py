@@ -328,11 +328,11 @@ def test_streams_benchmark_batches_what_it_says(tmp_path):
     assert streams.main(["--size", "64x96", "--counts", "1,3", "--steps", "1", "--warmup", "0",
                          "--json", str(out)]) == 0
     rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
-    names = ["ort", "torch"] + (["openvino", "openvino-async"] if _has_openvino() else [])
+    names = ["ort", "torch"] + (["openvino", "openvino-batch"] if _has_openvino() else [])
     for name in names:
         counts = rows[name]["counts"]
         assert counts["1"]["speedup"] == 1.0 and counts["1"]["batch_limit"] == 1
         assert counts["3"]["batch_limit"] == 3 and counts["3"]["frames_per_s"] > 0
     if _has_openvino():
-        assert "batched request" in rows["openvino"]["describe"]
-        assert "3 async requests" in rows["openvino-async"]["describe"]
+        assert "3 async requests" in rows["openvino"]["describe"]
+        assert "batched request" in rows["openvino-batch"]["describe"]

@@ -176,3 +176,25 @@ def test_backends_without_torch_installed(export_dir):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "tbn-vit[train]" in r.stdout
+
+
+@pytest.mark.parametrize("precision, present, chosen", [
+    # ONNX Runtime refuses a bf16 export: auto goes on to the next backend that runs it
+    ("bf16", {("ort", "cpu"), ("torch", "cpu")}, ("torch", "cpu")),
+    ("bf16", {("openvino", "cpu"), ("ort", "cpu"), ("torch", "cpu")}, ("openvino", "cpu")),
+    ("fp32", {("ort", "cpu"), ("torch", "cpu")}, ("ort", "cpu")),
+])
+def test_auto_skips_a_backend_that_refuses_the_export(export_dir, monkeypatch, precision,
+                                                      present, chosen):
+    import dataclasses
+
+    man = dataclasses.replace(load_manifest(export_dir), precision=precision,
+                              compute_precision={"feature": "bf16"} if precision == "bf16"
+                              else None)
+    _fake_availability(monkeypatch, present)
+    cls, device, why = select_backend("auto", man, "cpu", export_dir)
+    assert (cls.name, device) == chosen, why
+    if precision == "bf16" and chosen[0] == "torch":
+        assert "ONNX Runtime has no fast bf16 kernels" in why
+        with pytest.raises(BackendError, match="openvino or torch"):
+            select_backend("ort", man, "cpu", export_dir)

@@ -19,10 +19,12 @@ $XDG_CACHE_HOME/tbn-vit/openvino (~/.cache/...; TBN_OPENVINO_CACHE overrides it,
 off): OpenVINO keys each blob by the graph and the settings, so one folder serves every export,
 and the second start skips compilation.
 
-Many streams (--streams N): `mode="batch"` runs one batched request per engine call (a graph
-compiled for a dynamic batch), `mode="async"` one batch-1 request per frame, started together
-on OpenVINO's throughput streams (AsyncInferQueue-style: N requests, NUM_STREAMS). Which is
-faster depends on the model and the cores (benchmarks/streams.py measures both).
+Many streams (--streams N): `mode="async"` (the default) runs one batch-1 request per frame,
+started together on OpenVINO's throughput streams (N requests, NUM_STREAMS = N);
+`mode="batch"` one batched request per engine call (a graph compiled for a batch of 1..N).
+Measured with benchmarks/streams.py on 2 AVX2 cores (one run, the machine shared): async
+1.37x one stream at 4 streams against batch 0.98x for tbn_tiny 160x224; 1.36x against 1.11x
+for tbn_swin_t 480x480. A static batch-1 graph is what OpenVINO's CPU plugin runs best.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ class OpenVinoBackend(Backend):
         return True, ""
 
     def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu",
-                 streams: int = 1, *, threads: Optional[int] = None, mode: str = "batch",
+                 streams: int = 1, *, threads: Optional[int] = None, mode: str = "async",
                  cache_dir: Any = "default") -> None:
         super().__init__(export_dir, manifest, device, streams)
         ok, reason = self.available(device)
