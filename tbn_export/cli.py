@@ -18,6 +18,7 @@ removed at the next start). A user's mistake gets one line on stderr and exit co
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -142,11 +143,15 @@ def _check_out_dir(out: str, model_name: str, precision: str, overwrite: bool,
         raise UsageError(f"--out {out} exists and is not a directory")
     if not os.path.isdir(out) or not [e for e in os.listdir(out) if not e.startswith(".")]:
         return "new", None
+    foreign = _not_of_an_export(out)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                          else "")
+        raise UsageError(f"--out {out} holds files that are not a tbn-vit export ({shown}); "
+                         f"tbn-export replaces only an export it wrote: choose another --out "
+                         f"(or move those files away)")
     if overwrite:
-        return "replace", f"replacing the contents of {out} (--overwrite)"
-    if not os.path.isfile(os.path.join(out, MANIFEST_NAME)):
-        raise UsageError(f"--out {out} is not empty and holds no tbn-vit export; pass "
-                         f"--overwrite to replace it, or choose another --out")
+        return "replace", f"replacing the export in {out} (--overwrite)"
     try:
         old = load_manifest(out)
     except ManifestError:
@@ -166,11 +171,35 @@ def _check_out_dir(out: str, model_name: str, precision: str, overwrite: bool,
                        f"{(old.checkpoint or {}).get('path')})")
 
 
+def _not_of_an_export(out: str) -> List[str]:
+    """The entries of `out` that no tbn-export wrote (sorted; [] for an export dir): all of
+    them without a tbn-vit manifest, else those the manifest does not list. Hidden tbn-vit
+    files (.tbn*) and the TensorRT timing cache belong to the export."""
+    from tbn_runtime.manifest import FORMAT, MANIFEST_NAME
+
+    from .tensorrt_build import TIMING_CACHE
+
+    entries = sorted(e for e in os.listdir(out) if not e.startswith(".tbn"))
+    try:
+        with open(os.path.join(out, MANIFEST_NAME), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return entries
+    files = data.get("files") if isinstance(data.get("files"), dict) else {}
+    own = {MANIFEST_NAME, TIMING_CACHE} | {n for n in files if isinstance(n, str)}
+    return [e for e in entries if e not in own]
+
+
 def _install(tmp: str, out: str) -> None:
     """Rename tmp to out; an existing out is moved aside first and removed after."""
+    from tbn_runtime.files import backup_name, unmark_temporary_dir
+
+    unmark_temporary_dir(tmp)
     backup = None
     if os.path.exists(out):
-        backup = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.old-{os.getpid()}")
+        backup = backup_name(out)
         os.replace(out, backup)
     try:
         os.replace(tmp, out)
@@ -180,6 +209,20 @@ def _install(tmp: str, out: str) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def _record_last(out: str) -> None:
+    """Stamp `out` as the export tbn-export made (or found up to date) last: tbn-run without
+    --model takes the latest stamp under runs/tbn (tbn_runtime.segmenter.choose_export). The
+    stamp is a hidden file inside the export; the manifest is left as it is."""
+    from tbn_runtime.files import atomic_write_text
+    from tbn_runtime.segmenter import EXPORTED_STAMP
+
+    try:
+        atomic_write_text(os.path.join(out, EXPORTED_STAMP),
+                          json.dumps({"exported_at": time.time()}) + "\n")
+    except OSError as e:  # the export itself is whole: say it, do not fail
+        log.warning(f"could not stamp {out} as the latest export ({e})")
 
 
 def _size_mb(path: str) -> str:
@@ -235,6 +278,8 @@ def _check_int8_args(args) -> None:
 def _export(args) -> int:
     from tbn_train.checkpoint import load_model
 
+    from tbn_runtime.manifest import ManifestError
+
     from .onnx_export import FEATURE_ONNX, TEMPORAL_ONNX, check_export_size, export_onnx
     from .tensorrt_build import EngineBuildError, build_engines, tensorrt_available
 
@@ -253,7 +298,8 @@ def _export(args) -> int:
         raise UsageError(f"--max-batch must be in 1..256, got {args.max_batch}")
     _check_int8_args(args)
 
-    from tbn_runtime.files import sha256_file, sweep_stale, temporary_name
+    from tbn_runtime.files import make_temporary_dir, sha256_file, sweep_stale
+    from tbn_runtime.manifest import load_manifest
 
     model, meta = load_model(args.checkpoint)
     height, width, source = _export_size(args, meta)
@@ -275,14 +321,14 @@ def _export(args) -> int:
     action, note = _check_out_dir(out, model.model_name, precision, args.overwrite, same)
     if action == "up to date":
         log.info(note)
+        _record_last(out)
         return 0
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     for path in sweep_stale(parent):
         log.info("removed %s, left by an export that was killed", path)
-    tmp = temporary_name(out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = make_temporary_dir(out)
     try:
         t0 = time.perf_counter()
         manifest = export_onnx(model, tmp, height, width, fp16=args.fp16, logits=args.logits,
@@ -319,6 +365,11 @@ def _export(args) -> int:
                 log.error(f"verification failed; nothing written to {out}")
                 return 1
 
+        try:  # what the runtime would refuse is not installed (sizes, batch, fields)
+            load_manifest(tmp)
+        except ManifestError as e:
+            raise UsageError(f"this export would not load in the runtime ({e}); nothing "
+                             f"written to {out}") from None
         ok, why = tensorrt_available()
         engine_error = None
         if ok:
@@ -329,6 +380,7 @@ def _export(args) -> int:
             except EngineBuildError as e:
                 engine_error = str(e)
         _install(tmp, out)
+        _record_last(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

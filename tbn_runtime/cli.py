@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -166,9 +167,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .cluster import ClusterError
     from .files import FolderLock, LockError, atomic_write_text, sweep_stale
     from .manifest import ManifestError
-    from .outputs import has_outputs
+    from .outputs import RUN_MARKER, NotOursError, clear_outputs, has_outputs, mark_outputs
     from .overlay import OverlayError, OverlayVideo
-    from .segmenter import Segmenter
+    from .segmenter import Segmenter, choose_export
     from .sources import SourceError, open_source
     from .stream import StreamError, run_stream, summary_line
 
@@ -179,6 +180,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
+        if args.model is None:  # said first: which export runs, and why that one
+            args.model, why = choose_export()
+            log.info("model %s: %s (--model EXPORT chooses another)", args.model, why)
         lock.acquire()
         for folder in [args.out] + [e.path for e in os.scandir(args.out) if e.is_dir()]:
             for path in sweep_stale(folder):
@@ -190,17 +194,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.stats:
             _check_writable(args.stats, "--stats")
         videos = [v for source in args.sources for v in open_source(source)]
+
+        def take_over() -> None:  # once the model loaded: what the run replaces, said first
+            if args.overwrite:  # only what tbn-run wrote here before; no stale frame survives
+                removed = clear_outputs(args.out)
+                if removed:
+                    log.info("removed %d label files of the earlier run in %s (--overwrite)",
+                             removed, args.out)
+            mark_outputs(args.out, [v.name for v in videos])
+
         if args.ray is not None:
+            take_over()
             stats = _corpus(args, videos)
         else:
             seg = Segmenter(args.model, backend=args.backend, device=args.device,
                             streams=args.streams)
-            log.info("model %s; backend %s", seg.export, seg.why)
+            chosen, _, passed_over = seg.why.partition("; not chosen: ")
+            log.info("backend %s", chosen + (")" if passed_over else ""))
+            if passed_over:  # the GPU backends auto passed over, with their install hints
+                log.debug("not chosen: %s", passed_over[:-1])
             overlay = None
             if args.overlay:
                 sweep_stale(os.path.dirname(os.path.abspath(args.overlay)))
                 overlay = OverlayVideo(args.overlay, seg.classes, seg.palette_bgr[:, ::-1])
                 overlay.check()
+            take_over()
             stats = run_stream(seg, videos, args.out, fmt=args.format, overlay=overlay,
                                resume=args.resume, max_frames=args.max_frames,
                                progress=not (args.no_progress or args.quiet))
@@ -211,7 +229,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{PROG}: {summary_line(stats, args.out)}")
         return 1 if stats.get("failed_videos") else 0  # each said as it failed; --resume retries
     except (SourceError, ManifestError, BackendError, StreamError, OverlayError,
-            LockError, ClusterError) as e:
+            LockError, ClusterError, NotOursError) as e:
         return _fail(str(e))
     except OSError as e:
         return _fail(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}"
@@ -227,8 +245,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if seg is not None:
             seg.close()
         lock.release()
-        if created and os.path.isdir(args.out) and not os.listdir(args.out):
-            os.rmdir(args.out)  # nothing was written: leave no empty folder behind
+        if created and os.path.isdir(args.out) and set(os.listdir(args.out)) <= {RUN_MARKER}:
+            shutil.rmtree(args.out)  # nothing was written: leave no empty folder behind
 
 
 if __name__ == "__main__":

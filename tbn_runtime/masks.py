@@ -37,7 +37,7 @@ def _check_ids(ids: np.ndarray, what: str = "ids") -> np.ndarray:
 def write_mask_png(path: PathLike, ids: np.ndarray) -> None:
     """Write a uint8 H x W array of train ids as an 8-bit palette PNG, atomically.
 
-    The image goes to a temporary file in the same directory (`.<name>.tmp-<pid>`) and is then
+    The image goes to a temporary file in the same directory (see tbn_runtime.files.temporary_name) and is then
     moved over `path` with `os.replace`, so readers never see a partial file. Parent folders
     are created. Raises ValueError for a wrong dtype or shape.
     """

@@ -45,6 +45,74 @@ def has_outputs(out_dir: str) -> bool:
     return False
 
 
+#: in an output folder: that tbn-run writes there, and the videos it wrote (for --overwrite)
+RUN_MARKER = ".tbn-run.json"
+
+
+class NotOursError(RuntimeError):
+    """An output folder holding labels that tbn-run did not write (--overwrite refuses it)."""
+
+
+def _recorded_videos(out_dir: str) -> Optional[List[str]]:
+    """The videos RUN_MARKER records (None: no marker, or not one of ours)."""
+    try:
+        with open(os.path.join(out_dir, RUN_MARKER), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("written_by") != "tbn-run" or \
+            not isinstance(data.get("videos"), list):
+        return None
+    return [v for v in data["videos"] if isinstance(v, str)]
+
+
+def mark_outputs(out_dir: str, videos: Sequence[str]) -> None:
+    """Record in out_dir that tbn-run writes these videos' labels there (added to those it
+    recorded before), before the first of them is written."""
+    known = _recorded_videos(out_dir) or []
+    names = sorted(set(known) | set(videos))
+    atomic_write_text(os.path.join(out_dir, RUN_MARKER), json.dumps(
+        {"written_by": "tbn-run", "videos": names}, indent=1) + "\n")
+
+
+def _own_entry(out_dir: str, name: str) -> Optional[str]:
+    """out_dir/name for a recorded video name that stays inside out_dir, else None."""
+    if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        return None
+    return os.path.join(out_dir, name)
+
+
+def clear_outputs(out_dir: str) -> int:
+    """--overwrite: remove the labels tbn-run wrote in out_dir before (every format, all the
+    videos its marker records: a longer earlier run leaves no stale frame behind), and nothing
+    else; returns how many files went. NotOursError if out_dir holds labels and no marker."""
+    videos = _recorded_videos(out_dir)
+    if videos is None:
+        if has_outputs(out_dir):
+            raise NotOursError(f"{out_dir} holds label files that tbn-run did not write (no "
+                               f"{RUN_MARKER}); --overwrite replaces only tbn-run's own: remove "
+                               f"them yourself or choose another --out")
+        return 0
+    removed = 0
+    for video in videos:
+        base = _own_entry(out_dir, video)
+        if base is None:
+            continue
+        coco = base + _EXT["coco-rle"]
+        if os.path.isfile(coco) and not os.path.islink(coco):
+            os.remove(coco)
+            removed += 1
+        if os.path.isdir(base) and not os.path.islink(base):
+            for entry in os.scandir(base):
+                if entry.is_file(follow_symlinks=False) and not entry.name.startswith(".") \
+                        and entry.name.endswith((_EXT["png"], _EXT["npy"])):
+                    os.remove(entry.path)
+                    removed += 1
+            if not os.listdir(base):
+                os.rmdir(base)
+    return removed
+
+
 class MaskOutput:
     """The labels of a run, written to out_dir in one of FORMATS (thread-safe `write`)."""
 

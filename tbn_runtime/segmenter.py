@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -38,27 +38,51 @@ log = logging.getLogger("tbn_runtime")
 #: where tbn-train and tbn-export put their outputs by default
 DEFAULT_RUN = os.path.join("runs", "tbn")
 
+#: inside an export: when tbn-export made it, or last found it up to date (tbn-run without
+#: --model takes the latest one)
+EXPORTED_STAMP = ".tbn-exported"
+
+
+def _exported_at(export: str) -> float:
+    """When tbn-export made or confirmed this export: its stamp, else the manifest's mtime."""
+    import json
+
+    try:
+        with open(os.path.join(export, EXPORTED_STAMP), encoding="utf-8") as f:
+            when = json.load(f)["exported_at"]
+        if isinstance(when, (int, float)) and not isinstance(when, bool):
+            return float(when)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return os.path.getmtime(os.path.join(export, MANIFEST_NAME))
+
 
 def find_exports(root: str = DEFAULT_RUN) -> List[str]:
-    """Export folders (export, export-fp16, export-int8, ...) directly under `root`, newest
-    manifest first."""
+    """Export folders (export, export-fp16, export-int8, ...) directly under `root`, the one
+    tbn-export made or found up to date last first."""
     try:
-        entries = [e for e in os.scandir(root) if e.is_dir() and e.name.startswith("export")
-                   and os.path.isfile(os.path.join(e.path, MANIFEST_NAME))]
+        found = [os.path.join(root, e.name) for e in os.scandir(root)
+                 if e.is_dir() and e.name.startswith("export")
+                 and os.path.isfile(os.path.join(e.path, MANIFEST_NAME))]
     except OSError:
         return []
-    entries.sort(key=lambda e: os.path.getmtime(os.path.join(e.path, MANIFEST_NAME)),
-                 reverse=True)
-    return [os.path.join(root, e.name) for e in entries]
+    return sorted(found, key=_exported_at, reverse=True)
 
 
-def default_export(root: str = DEFAULT_RUN) -> str:
-    """The newest export under `root` (what the last tbn-export wrote); ManifestError if none."""
+def choose_export(root: str = DEFAULT_RUN) -> Tuple[str, str]:
+    """(the export to run when none is named, why that one): of the exports under `root`, the
+    one tbn-export made or found up to date last; ManifestError if there is none."""
     found = find_exports(root)
     if not found:
         raise ManifestError(f"no export under {root}/ (export*/manifest.json): make one with "
                             f"tbn-export, or pass the export folder (--model DIR)")
-    return found[0]
+    others = f"; also there: {', '.join(found[1:])}" if len(found) > 1 else ""
+    return found[0], f"the export tbn-export made or confirmed last under {root}/{others}"
+
+
+def default_export(root: str = DEFAULT_RUN) -> str:
+    """The export to run when none is named (see choose_export); ManifestError if none."""
+    return choose_export(root)[0]
 
 
 @dataclass

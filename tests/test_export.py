@@ -271,8 +271,11 @@ def test_out_dir_rules(fp32_dir, tmp_path):
 def test_killed_exports_temporaries_are_swept(checkpoint, tmp_path):
     from runtime_helpers import dead_pid
 
-    dead = tmp_path / f".export.tmp-{dead_pid()}"  # left by an export that was killed
+    from tbn_runtime.files import TEMPORARY_MARK
+
+    dead = tmp_path / f".tbn-export.tmp-{dead_pid()}-0123abcd"  # left by a killed export
     dead.mkdir()
+    (dead / TEMPORARY_MARK).write_text("1\n")
     (dead / "feature.onnx").write_bytes(b"half")
     assert main(["--checkpoint", checkpoint, "--out", str(tmp_path / "export")]) == 0
     assert sorted(os.listdir(tmp_path)) == ["export"]
@@ -313,7 +316,8 @@ def test_cli_config_does_not_match_weights(checkpoint, tmp_path, capsys):
     _assert_one_line_error(capsys, "do not match")
 
 
-@pytest.mark.parametrize("size", [("16", "96"), ("64", "0"), ("-64", "96"), ("64", "abc")])
+@pytest.mark.parametrize("size", [("16", "96"), ("64", "0"), ("-64", "96"), ("64", "abc"),
+                                  ("100000", "96"), ("64", "16385")])  # the runtime: 32..16384
 def test_cli_bad_export_size(checkpoint, tmp_path, capsys, size):
     assert main(["--checkpoint", checkpoint, "--out", str(tmp_path / "o"),
                  "--height", size[0], "--width", size[1]]) == 2
@@ -333,13 +337,41 @@ def test_cli_refuses_another_models_export(checkpoint, bisenet_dir, tmp_path, ca
     assert sorted(os.listdir(tmp_path)) == ["other"]  # the old export moved aside and removed
 
 
-def test_cli_refuses_unrelated_directory(checkpoint, tmp_path, capsys):
+def _training_run(d):  # what tbn-train leaves in its --out
+    (d / "stage1").mkdir(parents=True)
+    (d / "best.safetensors").write_bytes(b"weights")
+    (d / "stage1" / "last.safetensors").write_bytes(b"weights")
+    (d / "metrics.jsonl").write_text("{}\n")
+
+
+def _export_and_more(d, fp32_dir):  # an export with files of the user's beside it
+    shutil.copytree(fp32_dir, d)
+    (d / "masks").mkdir()
+    (d / "masks" / "00000000.png").write_bytes(b"a mask")
+
+
+def _notes(d):
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+@pytest.mark.parametrize("make, named", [
+    (lambda d, fp32: _notes(d), "notes.txt"),
+    (lambda d, fp32: _training_run(d), "best.safetensors"),
+    (_export_and_more, "masks"),
+])
+def test_cli_replaces_only_an_export_it_wrote(checkpoint, fp32_dir, tmp_path, capsys, flags,
+                                             make, named):
+    """--overwrite replaces an export, never a folder of other files (a training run, notes,
+    masks beside an export): refused in one line naming them, every file left as it was."""
     out = tmp_path / "stuff"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    assert main(["--checkpoint", checkpoint, "--out", str(out)]) == 2
-    _assert_one_line_error(capsys, "--overwrite")
-    assert (out / "notes.txt").read_text() == "mine"
+    make(out, fp32_dir)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["--checkpoint", checkpoint, "--out", str(out), *flags]) == 2
+    _assert_one_line_error(capsys, str(out), "not a tbn-vit export", named, "another --out")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["stuff"]  # no temporary left beside it
 
 
 def test_cli_missing_video(checkpoint, tmp_path, capsys):

@@ -121,11 +121,11 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(export_dir, video, tmp_path):
 def test_temporaries_of_killed_runs_are_swept_and_live_ones_kept(export_dir, video, tmp_path):
     out = tmp_path / "o"
     (out / "cam").mkdir(parents=True)
-    dead = out / "cam" / f".00000003.png.tmp-{dead_pid()}"
+    dead = out / "cam" / f".tbn-00000003.png.tmp-{dead_pid()}-0123abcd"
     dead.write_bytes(b"half a png")
-    live = out / "cam" / f".00000004.png.tmp-{os.getpid()}"   # this test process is alive
+    live = out / "cam" / f".tbn-00000004.png.tmp-{os.getpid()}-0123abcd"  # this process lives
     live.write_bytes(b"being written")
-    ovl = tmp_path / f".ov.mp4.tmp-{dead_pid()}.mp4"
+    ovl = tmp_path / f".tbn-ov.mp4.tmp-{dead_pid()}-0123abcd.mp4"
     ovl.write_bytes(b"half a video")
     r = tbn_run(video, "--out", str(out), "--model", export_dir, "--overlay",
                 str(tmp_path / "ov.mp4"))
