@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -85,6 +86,11 @@ def default_export(root: str = DEFAULT_RUN) -> str:
     return choose_export(root)[0]
 
 
+class SegmenterError(RuntimeError):
+    """A Segmenter used in a way that would give wrong labels (closed; one stream fed by two
+    threads); the message says what to do instead."""
+
+
 @dataclass
 class Result:
     """One frame of `Segmenter.stream`."""
@@ -132,6 +138,13 @@ class Segmenter:
         self.frames = {"segmented": 0, "skipped": 0}
         #: the most decoded events that waited for the main thread (the queue is bounded)
         self.decode_queue_peak = 0
+        # Each stream's ring holds one video's past: the thread that started a stream's video
+        # (reset, or its first frame) owns the stream until it resets it again, and any other
+        # live thread feeding it gets SegmenterError instead of another video's past. The
+        # engines run one call at a time (threads on distinct streams take turns).
+        self._engine_lock = threading.Lock()
+        self._owners: Dict[int, threading.Thread] = {}
+        self._closed = False
 
     @property
     def height(self) -> int:
@@ -148,11 +161,45 @@ class Segmenter:
 
     # -- one frame at a time ---------------------------------------------------------------------
     def _to_export_size(self, frame: np.ndarray) -> np.ndarray:
+        if frame is None:
+            raise ValueError("a frame must be uint8 H x W x 3 BGR, got None (cv2.imread gives "
+                             "None for a file it cannot read; VideoCapture.read at the end)")
         frame = np.asarray(frame)
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             raise ValueError(f"a frame must be uint8 H x W x 3 BGR (as cv2.imread/VideoCapture "
                              f"give it), got {frame.dtype} {frame.shape}")
+        if frame.shape[0] == 0 or frame.shape[1] == 0:
+            raise ValueError(f"a frame must have at least one pixel, got an empty array of "
+                             f"shape {frame.shape}")
         return resize_frame(frame, self.height, self.width)
+
+    def _check_usable(self, streams: Sequence[int]) -> None:
+        """SegmenterError if closed; ValueError for streams this Segmenter does not have."""
+        if self._closed:
+            raise SegmenterError("this Segmenter is closed (close(), or the end of its `with` "
+                                 "block): make a new Segmenter")
+        n = self.backend.streams
+        bad = [s for s in streams if not isinstance(s, (int, np.integer)) or not 0 <= s < n]
+        if bad or len(set(streams)) != len(streams):
+            have = "one stream, 0" if n == 1 else f"{n} streams, 0..{n - 1}"
+            fix = (" (Segmenter(..., streams=N) runs N videos at once)" if n == 1 else "")
+            raise ValueError(f"streams {list(streams)}: this Segmenter has {have}, and each "
+                             f"stream takes one frame per call{fix}")
+
+    def _claim(self, streams: Sequence[int], start: bool) -> None:
+        """Make the calling thread the owner of `streams` (start: a new video on them), or
+        raise SegmenterError if another live thread is feeding one of them."""
+        me = threading.current_thread()
+        for s in streams:
+            owner = self._owners.get(s)
+            if owner is not None and owner is not me and owner.is_alive() and not start:
+                raise SegmenterError(
+                    f"stream {s} of this Segmenter is feeding thread {owner.name!r}'s video; "
+                    f"frames from thread {me.name!r} would mix the two videos' past frames. Give "
+                    f"each thread its own Segmenter, or its own stream (streams=N, "
+                    f"segment(frame, stream=i)), or reset(stream) to start a new video")
+        for s in streams:
+            self._owners[s] = me
 
     def segment(self, frame: np.ndarray, stream: int = 0) -> np.ndarray:
         """The labels (uint8 train ids, H x W of the frame) of the next frame of the video."""
@@ -171,10 +218,14 @@ class Segmenter:
         their features, one for the labels of those with want[i] (default: all); the labels of
         the others are None (features only)."""
         want = [True] * len(frames) if want is None else list(want)
+        self._check_usable(streams)
         t0 = time.perf_counter()
         xs = [self._to_export_size(f) for f in frames]
         t1 = time.perf_counter()
-        out = self.backend.step(xs, streams, want)
+        with self._engine_lock:
+            self._check_usable(streams)  # closed by another thread meanwhile
+            self._claim(streams, start=False)
+            out = self.backend.step(xs, streams, want)
         t2 = time.perf_counter()
         for i, (frame, labels) in enumerate(zip(frames, out)):
             if labels is not None:
@@ -186,8 +237,12 @@ class Segmenter:
         return out
 
     def reset(self, stream: int = 0) -> None:
-        """Start a new video on `stream`: the next frame is frame 0 (its past is itself)."""
-        self.backend.reset(stream)
+        """Start a new video on `stream`: the next frame is frame 0 (its past is itself). The
+        calling thread becomes the stream's owner (see segment_many)."""
+        self._check_usable([stream])
+        with self._engine_lock:
+            self._claim([stream], start=True)
+            self.backend.reset(stream)
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:
         """BGR colours of labels in this export's palette (ignore, 255, white)."""
@@ -240,8 +295,10 @@ class Segmenter:
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the engines and device memory (idempotent)."""
-        self.backend.close()
+        """Free the engines and device memory (idempotent); later calls raise SegmenterError."""
+        with self._engine_lock:
+            self._closed = True
+            self.backend.close()
 
     def __enter__(self) -> "Segmenter":
         return self

@@ -87,12 +87,17 @@ NO_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['tbn_train'] =
             "from tbn_runtime.cli import main; sys.exit(main())")
 
 
-def tbn_run(*args: str, block_torch: bool = True, timeout: float = 120):
+def tbn_run(*args: str, block_torch: bool = True, timeout: float = 120, cwd=None):
     """Run tbn-run in a subprocess (torch blocked by default); returns CompletedProcess."""
     cmd = [sys.executable, "-c", NO_TORCH] if block_torch else [sys.executable, "-m",
                                                                  "tbn_runtime"]
+    env = None
+    if cwd is not None:  # the checkout stays importable from another working directory
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     return subprocess.run(cmd + ["--no-progress", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd, env=env)
 
 
 def dead_pid() -> int:

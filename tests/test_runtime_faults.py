@@ -53,6 +53,11 @@ def _palette(m):
     (_set("precision", "int4"), "field 'precision'"),
     (_set("std", [58.4, 0, 57.4]), "field 'std'"),
     (_files, "plain names"),
+    # valid values, but not the graphs': the content hash binds them to what was exported
+    (_set("temporal_offsets", [1, 2, 3]), "changed after export"),
+    (_set("height", 128), "changed after export"),
+    (_set("max_batch", 4), "changed after export"),
+    (lambda m: m.pop("content_sha256"), "carries no content hash"),
 ])
 def test_a_bad_manifest_is_one_line_naming_the_field(export_dir, video, tmp_path, edit, needle):
     bad = tmp_path / "export"
