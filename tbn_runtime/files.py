@@ -73,8 +73,13 @@ class DiskFullError(OSError):
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-#: numpy's tofile/np.save on a short write: "174080 requested and 155520 written"
-_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+#: the same said by writers that do not raise OSError: numpy's short write ("174080 requested
+#: and 155520 written"), safetensors (Rust's "StorageFull", "File too large (os error 27)"),
+#: torch.save ("PytorchStreamWriter failed writing file ...", "unexpected pos 704 vs 598")
+_SHORT_WRITE = re.compile("|".join([r"\d+ requested and \d+ written", "StorageFull",
+                                    "FileTooLarge", "PytorchStreamWriter failed writing",
+                                    r"inline_container.cc:\d+\] \. unexpected pos"] +
+                                   [re.escape(os.strerror(n)) for n in _FULL]))
 
 
 def disk_full(e: BaseException) -> bool:
@@ -85,8 +90,9 @@ def disk_full(e: BaseException) -> bool:
 
 def disk_full_error(path: str, e: BaseException) -> DiskFullError:
     """The one-line DiskFullError for `path` from the error a writer raised."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     why = os.strerror(e.errno) if isinstance(e, OSError) and e.errno in _FULL else \
-        f"a short write: {e}"
+        f"a short write: {first}"
     err = DiskFullError(errno.ENOSPC, f"{path}: the disk is full ({why}); free space there or "
                                       f"write elsewhere")
     err.path = path
