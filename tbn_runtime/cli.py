@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "other, or --streams at once)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the labels")
     p.add_argument("--model", metavar="EXPORT", default=None,
-                   help="export folder made by tbn-export (default: the newest of "
-                        "runs/tbn/export*)")
+                   help="export folder made by tbn-export (default: the one of "
+                        "runs/tbn/export* that tbn-export made or found up to date last)")
     p.add_argument("--backend", default="auto", choices=("auto", "trt", "ort", "torch"),
                    help="auto: any GPU backend before any CPU one: TensorRT (the export has "
                         "engines), ONNX Runtime's CUDA provider, PyTorch on CUDA; then ONNX "

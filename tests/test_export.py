@@ -242,6 +242,15 @@ def test_each_precision_has_its_own_default_folder(checkpoint, tmp_path, monkeyp
     runs = tmp_path / "runs" / "tbn"
     assert load_manifest(str(runs / "export")).precision == "fp32"
     assert load_manifest(str(runs / "export-fp16")).precision == "fp16"
+    # tbn-run without --model takes what tbn-export made or found up to date last, whichever
+    # manifest is newest (make demo, then the README's chain: its --fp16 is "up to date")
+    from tbn_runtime.segmenter import choose_export
+
+    for flags, taken in (([], "export"), (["--fp16"], "export-fp16"), ([], "export")):
+        assert main(["--checkpoint", checkpoint, *flags]) == 0
+        assert "nothing to do" in capsys.readouterr().err
+        path, why = choose_export()
+        assert path == os.path.join("runs", "tbn", taken) and "last" in why
     # an fp16 export into the fp32 folder is refused, and the folder left as it was
     before = sha256_file(str(runs / "export" / "manifest.json"))
     capsys.readouterr()
