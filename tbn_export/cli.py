@@ -18,7 +18,6 @@ removed at the next start). A user's mistake gets one line on stderr and exit co
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -127,104 +126,6 @@ def _export_size(args, meta) -> Tuple[int, int, str]:
     return int(size[0]), int(size[1]), source
 
 
-def _check_out_dir(out: str, model_name: str, precision: str, overwrite: bool,
-                   same_as: Optional[dict] = None) -> Tuple[str, Optional[str]]:
-    """What to do with --out: ("new" | "replace" | "up to date", a note for the user).
-
-    Refused (UsageError) without --overwrite: a folder of other files, an unreadable export, the
-    export of another model or another precision. The export of the same model and precision
-    from another checkpoint or at another size is replaced (a newer checkpoint of the same run:
-    what re-running the default chain tbn-train -> tbn-export does). One whose manifest equals
-    `same_as` (checkpoint sha256, size, logits) is up to date and left alone.
-    """
-    from tbn_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
-
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out} exists and is not a directory")
-    if not os.path.isdir(out) or not [e for e in os.listdir(out) if not e.startswith(".")]:
-        return "new", None
-    foreign = _not_of_an_export(out)
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
-                                          else "")
-        raise UsageError(f"--out {out} holds files that are not a tbn-vit export ({shown}); "
-                         f"tbn-export replaces only an export it wrote: choose another --out "
-                         f"(or move those files away)")
-    if overwrite:
-        return "replace", f"replacing the export in {out} (--overwrite)"
-    try:
-        old = load_manifest(out)
-    except ManifestError:
-        raise UsageError(f"--out {out} holds an unreadable export; pass --overwrite to replace "
-                         f"it") from None
-    if old.model != model_name or old.precision != precision:
-        raise UsageError(f"--out {out} holds the {old.precision} export of '{old.model}', not a "
-                         f"{precision} export of '{model_name}'; pass --overwrite to replace it, "
-                         f"or choose another --out (each precision has its own default folder)")
-    if same_as is not None and (old.checkpoint or {}).get("sha256") == same_as["sha256"] and \
-            [old.height, old.width] == same_as["size"] and \
-            bool(old.logits_output) == same_as["logits"]:
-        return "up to date", (f"{out} already holds this export ({precision} {model_name} at "
-                              f"{old.height}x{old.width} from this checkpoint); nothing to do "
-                              f"(--overwrite exports again)")
-    return "replace", (f"replacing the {old.precision} export of {old.model} in {out} (from "
-                       f"{(old.checkpoint or {}).get('path')})")
-
-
-def _not_of_an_export(out: str) -> List[str]:
-    """The entries of `out` that no tbn-export wrote (sorted; [] for an export dir): all of
-    them without a tbn-vit manifest, else those the manifest does not list. Hidden tbn-vit
-    files (.tbn*) and the TensorRT timing cache belong to the export."""
-    from tbn_runtime.manifest import FORMAT, MANIFEST_NAME
-
-    from .tensorrt_build import TIMING_CACHE
-
-    entries = sorted(e for e in os.listdir(out) if not e.startswith(".tbn"))
-    try:
-        with open(os.path.join(out, MANIFEST_NAME), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        data = None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        return entries
-    files = data.get("files") if isinstance(data.get("files"), dict) else {}
-    own = {MANIFEST_NAME, TIMING_CACHE} | {n for n in files if isinstance(n, str)}
-    return [e for e in entries if e not in own]
-
-
-def _install(tmp: str, out: str) -> None:
-    """Rename tmp to out; an existing out is moved aside first and removed after."""
-    from tbn_runtime.files import backup_name, unmark_temporary_dir
-
-    unmark_temporary_dir(tmp)
-    backup = None
-    if os.path.exists(out):
-        backup = backup_name(out)
-        os.replace(out, backup)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, out)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
-def _record_last(out: str) -> None:
-    """Stamp `out` as the export tbn-export made (or found up to date) last: tbn-run without
-    --model takes the latest stamp under runs/tbn (tbn_runtime.segmenter.choose_export). The
-    stamp is a hidden file inside the export; the manifest is left as it is."""
-    from tbn_runtime.files import atomic_write_text
-    from tbn_runtime.segmenter import EXPORTED_STAMP
-
-    try:
-        atomic_write_text(os.path.join(out, EXPORTED_STAMP),
-                          json.dumps({"exported_at": time.time()}) + "\n")
-    except OSError as e:  # the export itself is whole: say it, do not fail
-        log.warning(f"could not stamp {out} as the latest export ({e})")
-
-
 def _size_mb(path: str) -> str:
     return f"{os.path.getsize(path) / 1e6:.2f} MB"
 
@@ -281,6 +182,7 @@ def _export(args) -> int:
     from tbn_runtime.manifest import ManifestError
 
     from .onnx_export import FEATURE_ONNX, TEMPORAL_ONNX, check_export_size, export_onnx
+    from .out_dir import check_out_dir, install, stamp_latest
     from .tensorrt_build import EngineBuildError, build_engines, tensorrt_available
 
     if args.height is not None or args.width is not None:  # fail fast, before loading weights
@@ -318,10 +220,10 @@ def _export(args) -> int:
     # an int8 export also depends on its calibration: never "up to date", replaced instead
     same = None if args.int8 else {"sha256": sha256_file(args.checkpoint),
                                     "size": [height, width], "logits": args.logits}
-    action, note = _check_out_dir(out, model.model_name, precision, args.overwrite, same)
+    action, note = check_out_dir(out, model.model_name, precision, args.overwrite, same)
     if action == "up to date":
         log.info(note)
-        _record_last(out)
+        stamp_latest(out)
         return 0
 
     parent = os.path.dirname(out)
@@ -379,8 +281,8 @@ def _export(args) -> int:
                 log.info(f"built TensorRT engines in {time.perf_counter() - t0:.1f} s")
             except EngineBuildError as e:
                 engine_error = str(e)
-        _install(tmp, out)
-        _record_last(out)
+        install(tmp, out)
+        stamp_latest(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -413,6 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .int8 import Int8Error
     from .onnx_export import ExportError
+    from .out_dir import OutDirError
     from .verify import VerifyError
 
     try:
@@ -426,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"tbn-export: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, BackboneError, ExportError, ManifestError, VerifyError, Int8Error,
-            OSError) as e:
+            OutDirError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         print(f"tbn-export: {first}", file=sys.stderr)
         return 2

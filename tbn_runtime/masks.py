@@ -37,9 +37,10 @@ def _check_ids(ids: np.ndarray, what: str = "ids") -> np.ndarray:
 def write_mask_png(path: PathLike, ids: np.ndarray) -> None:
     """Write a uint8 H x W array of train ids as an 8-bit palette PNG, atomically.
 
-    The image goes to a temporary file in the same directory (see tbn_runtime.files.temporary_name) and is then
-    moved over `path` with `os.replace`, so readers never see a partial file. Parent folders
-    are created. Raises ValueError for a wrong dtype or shape.
+    The image goes to a temporary file in the same directory (tbn_runtime.files.atomic_write)
+    and is then moved over `path` with `os.replace`, so readers never see a partial file.
+    Parent folders are created. Raises ValueError for a wrong dtype or shape, DiskFullError
+    (naming the file) when the disk is full.
     """
     ids = _check_ids(ids)
     img = Image.fromarray(np.ascontiguousarray(ids))  # mode 'L'

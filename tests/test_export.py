@@ -260,7 +260,7 @@ def test_each_precision_has_its_own_default_folder(checkpoint, tmp_path, monkeyp
 
 
 def test_out_dir_rules(fp32_dir, tmp_path):
-    from tbn_export.cli import UsageError, _check_out_dir
+    from tbn_export.out_dir import OutDirError as UsageError, check_out_dir as _check_out_dir
 
     m = load_manifest(fp32_dir)
     same = {"sha256": m.checkpoint["sha256"], "size": [m.height, m.width], "logits": False}
