@@ -35,8 +35,8 @@ def check_out_dir(out: str, model_name: str, precision: str, overwrite: bool,
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise OutDirError(f"--out {out} exists and is not a directory")
-    if not os.path.isdir(out) or not [e for e in os.listdir(out) if not e.startswith(".")]:
-        return "new", None
+    if not os.path.isdir(out) or not [e for e in os.listdir(out) if not e.startswith(".tbn")]:
+        return "new", None  # (only tbn-vit's own hidden files, if any: a lock, a stamp)
     foreign = not_of_an_export(out)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3

@@ -364,11 +364,17 @@ def _notes(d):
     (d / "notes.txt").write_text("mine")
 
 
+def _hidden(d):
+    d.mkdir()
+    (d / ".git").write_text("mine, hidden")
+
+
 @pytest.mark.parametrize("flags", [[], ["--overwrite"]])
 @pytest.mark.parametrize("make, named", [
     (lambda d, fp32: _notes(d), "notes.txt"),
     (lambda d, fp32: _training_run(d), "best.safetensors"),
     (_export_and_more, "masks"),
+    (lambda d, fp32: _hidden(d), ".git"),
 ])
 def test_cli_replaces_only_an_export_it_wrote(checkpoint, fp32_dir, tmp_path, capsys, flags,
                                              make, named):
