@@ -114,6 +114,12 @@ class Segmenter:
     threads: CPU threads of the engines (ONNX Runtime's intra-op pool, or torch's), for several
     processes sharing a machine (tbn-run --ray); default: one per core.
     Raises ManifestError (a bad export) or BackendError (a backend that cannot run here).
+
+    Threads: a stream's video belongs to the thread that started it (reset(), or its first
+    frame); another live thread feeding that stream gets SegmenterError rather than labels
+    computed from the other video's past. Threads on distinct streams (streams=N) each get
+    their own video's labels, the engine calls taking turns. After close(), every call raises
+    SegmenterError.
     """
 
     def __init__(self, export: Optional[str] = None, backend: Union[str, Backend] = "auto",
