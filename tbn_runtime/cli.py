@@ -197,10 +197,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         def take_over() -> None:  # once the model loaded: what the run replaces, said first
             if args.overwrite:  # only what tbn-run wrote here before; no stale frame survives
-                removed = clear_outputs(args.out)
+                removed = clear_outputs(args.out, [v.name for v in videos])
                 if removed:
-                    log.info("removed %d label files of the earlier run in %s (--overwrite)",
-                             removed, args.out)
+                    log.info("removed %d label files of these videos' earlier run in %s "
+                             "(--overwrite)", removed, args.out)
             mark_outputs(args.out, [v.name for v in videos])
 
         if args.ray is not None:

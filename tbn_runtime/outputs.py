@@ -82,34 +82,50 @@ def _own_entry(out_dir: str, name: str) -> Optional[str]:
     return os.path.join(out_dir, name)
 
 
-def clear_outputs(out_dir: str) -> int:
-    """--overwrite: remove the labels tbn-run wrote in out_dir before (every format, all the
-    videos its marker records: a longer earlier run leaves no stale frame behind), and nothing
-    else; returns how many files went. NotOursError if out_dir holds labels and no marker."""
-    videos = _recorded_videos(out_dir)
-    if videos is None:
-        if has_outputs(out_dir):
-            raise NotOursError(f"{out_dir} holds label files that tbn-run did not write (no "
-                               f"{RUN_MARKER}); --overwrite replaces only tbn-run's own: remove "
-                               f"them yourself or choose another --out")
-        return 0
+def _label_files(out_dir: str, video: str) -> List[str]:
+    """The label files of a video in out_dir, any format: <video>.json and <video>/*.png|npy
+    (plain files, not hidden; nothing for a name that would lead outside out_dir)."""
+    base = _own_entry(out_dir, video)
+    if base is None:
+        return []
+    found = []
+    coco = base + _EXT["coco-rle"]
+    if os.path.isfile(coco) and not os.path.islink(coco):
+        found.append(coco)
+    if os.path.isdir(base) and not os.path.islink(base):
+        found += sorted(e.path for e in os.scandir(base)
+                        if e.is_file(follow_symlinks=False) and not e.name.startswith(".")
+                        and e.name.endswith((_EXT["png"], _EXT["npy"])))
+    return found
+
+
+def clear_outputs(out_dir: str, videos: Sequence[str]) -> int:
+    """--overwrite: remove every label file (any format) of these videos that an earlier
+    tbn-run wrote in out_dir, so that no stale frame of a longer run survives; other videos'
+    labels and other files stay. Returns how many files went. NotOursError, before removing
+    anything, if out_dir holds labels without tbn-run's marker, or labels of one of these
+    videos that the marker does not record."""
+    recorded = _recorded_videos(out_dir)
+    if recorded is None and has_outputs(out_dir):
+        raise NotOursError(f"{out_dir} holds label files that tbn-run did not write (no "
+                           f"{RUN_MARKER}); --overwrite replaces only tbn-run's own: remove "
+                           f"them yourself or choose another --out")
+    doomed = []
+    for video in dict.fromkeys(videos):
+        files = _label_files(out_dir, video)
+        if files and video not in (recorded or []):
+            raise NotOursError(f"{os.path.join(out_dir, video)} holds label files that tbn-run "
+                               f"did not write ({RUN_MARKER} does not record it); remove them "
+                               f"yourself or choose another --out")
+        doomed.append((video, files))
     removed = 0
-    for video in videos:
-        base = _own_entry(out_dir, video)
-        if base is None:
-            continue
-        coco = base + _EXT["coco-rle"]
-        if os.path.isfile(coco) and not os.path.islink(coco):
-            os.remove(coco)
+    for video, files in doomed:
+        for path in files:
+            os.remove(path)
             removed += 1
-        if os.path.isdir(base) and not os.path.islink(base):
-            for entry in os.scandir(base):
-                if entry.is_file(follow_symlinks=False) and not entry.name.startswith(".") \
-                        and entry.name.endswith((_EXT["png"], _EXT["npy"])):
-                    os.remove(entry.path)
-                    removed += 1
-            if not os.listdir(base):
-                os.rmdir(base)
+        base = os.path.join(out_dir, video)
+        if files and os.path.isdir(base) and not os.listdir(base):
+            os.rmdir(base)
     return removed
 
 

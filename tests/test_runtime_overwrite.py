@@ -56,20 +56,29 @@ def test_overwrite_refuses_labels_tbn_run_did_not_write(export_dir, video, tmp_p
     assert (out / "cam" / "00000099.png").read_bytes() == b"someone's mask"
 
 
-def test_the_marker_names_the_videos_and_stays_inside(export_dir, video, tmp_path):
-    """A tampered marker naming folders outside --out removes nothing there."""
-    out, victim = tmp_path / "o", tmp_path / "victim"
-    victim.mkdir()
-    (victim / "00000000.png").write_bytes(b"precious")
-    r = tbn_run(video, "--out", str(out), "--model", export_dir)
+def test_overwrite_replaces_these_videos_only(export_dir, video, tmp_path):
+    """Other videos' labels in the folder stay (a corpus labelled a video at a time); labels
+    of this run's video that the marker does not record are refused, and nothing removed."""
+    other = write_video(str(tmp_path / "other.mp4"), synthetic_frames(3, 48, 64, seed=7))
+    out = tmp_path / "o"
+    for src in (video, other):
+        r = tbn_run(src, "--out", str(out), "--model", export_dir, "--resume")
+        assert r.returncode == 0, r.stderr
+    assert json.loads((out / RUN_MARKER).read_text())["videos"] == ["cam", "other"]
+    r = tbn_run(video, "--out", str(out), "--model", export_dir, "--overwrite",
+                "--max-frames", "2")
     assert r.returncode == 0, r.stderr
-    marker = json.loads((out / RUN_MARKER).read_text())
-    assert marker["videos"] == ["cam"] and marker["written_by"] == "tbn-run"
-    marker["videos"] += ["../victim", str(victim)]
-    (out / RUN_MARKER).write_text(json.dumps(marker))
-    r = tbn_run(video, "--out", str(out), "--model", export_dir, "--overwrite")
-    assert r.returncode == 0, r.stderr
-    assert (victim / "00000000.png").read_bytes() == b"precious"
+    assert _files(out) == ["cam/00000000.png", "cam/00000001.png", "other/00000000.png",
+                           "other/00000001.png", "other/00000002.png"]
+
+    stray = write_video(str(tmp_path / "stray.mp4"), synthetic_frames(2, 48, 64, seed=8))
+    (out / "stray").mkdir()
+    (out / "stray" / "00000000.png").write_bytes(b"not tbn-run's")
+    before = _files(out)
+    one_line_error(tbn_run(stray, "--out", str(out), "--model", export_dir, "--overwrite"),
+                   "stray", "did not write", "another --out")
+    assert _files(out) == before
+    assert (out / "stray" / "00000000.png").read_bytes() == b"not tbn-run's"
 
 
 def test_without_model_the_export_made_last_runs_and_the_first_line_says_so(
