@@ -123,62 +123,6 @@ def _export_size(args, meta) -> Tuple[int, int, str]:
     return int(size[0]), int(size[1]), source
 
 
-def _check_out_dir(out: str, model_name: str, precision: str, overwrite: bool,
-                   same_as: Optional[dict] = None) -> Tuple[str, Optional[str]]:
-    """What to do with --out: ("new" | "replace" | "up to date", a note for the user).
-
-    Refused (UsageError) without --overwrite: a folder of other files, an unreadable export, the
-    export of another model or another precision. The export of the same model and precision
-    from another checkpoint or at another size is replaced (a newer checkpoint of the same run:
-    what re-running the default chain tbn-train -> tbn-export does). One whose manifest equals
-    `same_as` (checkpoint sha256, size, logits) is up to date and left alone.
-    """
-    from tbn_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
-
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out} exists and is not a directory")
-    if not os.path.isdir(out) or not [e for e in os.listdir(out) if not e.startswith(".")]:
-        return "new", None
-    if overwrite:
-        return "replace", f"replacing the contents of {out} (--overwrite)"
-    if not os.path.isfile(os.path.join(out, MANIFEST_NAME)):
-        raise UsageError(f"--out {out} is not empty and holds no tbn-vit export; pass "
-                         f"--overwrite to replace it, or choose another --out")
-    try:
-        old = load_manifest(out)
-    except ManifestError:
-        raise UsageError(f"--out {out} holds an unreadable export; pass --overwrite to replace "
-                         f"it") from None
-    if old.model != model_name or old.precision != precision:
-        raise UsageError(f"--out {out} holds the {old.precision} export of '{old.model}', not a "
-                         f"{precision} export of '{model_name}'; pass --overwrite to replace it, "
-                         f"or choose another --out (each precision has its own default folder)")
-    if same_as is not None and (old.checkpoint or {}).get("sha256") == same_as["sha256"] and \
-            [old.height, old.width] == same_as["size"] and \
-            bool(old.logits_output) == same_as["logits"]:
-        return "up to date", (f"{out} already holds this export ({precision} {model_name} at "
-                              f"{old.height}x{old.width} from this checkpoint); nothing to do "
-                              f"(--overwrite exports again)")
-    return "replace", (f"replacing the {old.precision} export of {old.model} in {out} (from "
-                       f"{(old.checkpoint or {}).get('path')})")
-
-
-def _install(tmp: str, out: str) -> None:
-    """Rename tmp to out; an existing out is moved aside first and removed after."""
-    backup = None
-    if os.path.exists(out):
-        backup = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.old-{os.getpid()}")
-        os.replace(out, backup)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, out)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def _size_mb(path: str) -> str:
     return f"{os.path.getsize(path) / 1e6:.2f} MB"
 
@@ -334,10 +278,12 @@ def _engines(args, tmp: str) -> Tuple[bool, str, Optional[str]]:
 
 def _export(args) -> int:
     """The export: checked, made in a temporary beside --out, verified, then renamed."""
-    from tbn_runtime.files import sha256_file, sweep_stale, temporary_name
+    from tbn_runtime.files import make_temporary_dir, sha256_file, sweep_stale
+    from tbn_runtime.manifest import ManifestError, load_manifest
     from tbn_train.checkpoint import load_model
 
     from .onnx_export import check_export_size
+    from .out_dir import check_out_dir, install, stamp_latest
 
     _check_export_args(args)
     model, meta = load_model(args.checkpoint)
@@ -348,24 +294,30 @@ def _export(args) -> int:
     # an int8 export also depends on its calibration: never "up to date", replaced instead
     same = None if args.int8 else {"sha256": sha256_file(args.checkpoint),
                                     "size": [height, width], "logits": args.logits}
-    action, note = _check_out_dir(out, model.model_name, precision_of(args), args.overwrite,
-                                  same)
+    action, note = check_out_dir(out, model.model_name, precision_of(args), args.overwrite,
+                                 same)
     if action == "up to date":
         log.info(note)
+        stamp_latest(out)
         return 0
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     for path in sweep_stale(parent):
         log.info("removed %s, left by an export that was killed", path)
-    tmp = temporary_name(out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = make_temporary_dir(out)
     try:
         _write_export(args, tmp, model, calib, height, width, source)
         if args.verify and not _verified(args, tmp, model, calib, height, width):
             log.error(f"verification failed; nothing written to {out}")
             return 1
+        try:  # what the runtime would refuse is not installed (sizes, batch, fields)
+            load_manifest(tmp)
+        except ManifestError as e:
+            raise UsageError(f"this export would not load in the runtime ({e}); nothing "
+                             f"written to {out}") from None
         ok, why, engine_error = _engines(args, tmp)
-        _install(tmp, out)
+        install(tmp, out)
+        stamp_latest(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if note:

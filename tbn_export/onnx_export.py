@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from tbn_runtime.classes import VSPW_CLASSES, make_palette
 from tbn_runtime.files import atomic_write, sha256_file
-from tbn_runtime.manifest import BATCH_AXIS, Manifest
+from tbn_runtime.manifest import BATCH_AXIS, MAX_SIDE, Manifest
 from tbn_runtime.preprocess import MEAN_RGB, STD_RGB
 
 from .errors import ExportError
@@ -157,6 +157,9 @@ def check_export_size(height: int, width: int) -> Tuple[int, int]:
     if h < MIN_SIZE or w < MIN_SIZE:
         raise ExportError(f"export size {h}x{w} is too small: height and width must be at least "
                           f"{MIN_SIZE} (any size >= {MIN_SIZE} works; the graph pads to 32)")
+    if h > MAX_SIDE or w > MAX_SIDE:  # the runtime refuses a manifest beyond it
+        raise ExportError(f"export size {h}x{w} is too large: height and width must be at most "
+                          f"{MAX_SIDE} (the runtime refuses larger exports)")
     return h, w
 
 

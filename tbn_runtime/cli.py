@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from typing import List, Optional
 
@@ -47,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "other, or --streams at once)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the labels")
     p.add_argument("--model", metavar="EXPORT", default=None,
-                   help="export folder made by tbn-export (default: the newest of "
-                        "runs/tbn/export*)")
+                   help="export folder made by tbn-export (default: the one of "
+                        "runs/tbn/export* that tbn-export made or found up to date last)")
     p.add_argument("--backend", default="auto",
                    choices=("auto", "trt", "ort", "openvino", "torch"),
                    help="auto: any GPU backend before any CPU one: TensorRT (the export has "
@@ -169,6 +170,29 @@ def _corpus(args: argparse.Namespace, videos: list) -> dict:
                       progress=not (args.no_progress or args.quiet), verbose=args.verbose)
 
 
+def _say_backend(why: str) -> None:
+    """The backend and why, at info; the backends auto passed over (with their install hints)
+    only at debug level."""
+    chosen, _, passed_over = why.partition("; not chosen: ")
+    log.info("backend %s", chosen + (")" if passed_over else ""))
+    if passed_over:
+        log.debug("not chosen: %s", passed_over[:-1])
+
+
+def _take_over(args: argparse.Namespace, videos: list) -> None:
+    """What the run replaces, once the model has loaded: with --overwrite, every earlier label
+    of these videos that tbn-run wrote here (no stale frame survives); the videos recorded."""
+    from .outputs import clear_outputs, mark_outputs
+
+    names = [v.name for v in videos]
+    if args.overwrite:
+        removed = clear_outputs(args.out, names)
+        if removed:
+            log.info("removed %d label files of these videos' earlier run in %s (--overwrite)",
+                     removed, args.out)
+    mark_outputs(args.out, names)
+
+
 def _one_process(args: argparse.Namespace, videos: list) -> dict:
     """The videos through one Segmenter in this process (one stream or --streams N)."""
     from .files import sweep_stale
@@ -178,12 +202,13 @@ def _one_process(args: argparse.Namespace, videos: list) -> dict:
 
     with Segmenter(args.model, backend=args.backend, device=args.device,
                    streams=args.streams) as seg:
-        log.info("model %s; backend %s", seg.export, seg.why)
+        _say_backend(seg.why)
         overlay = None
         if args.overlay:
             sweep_stale(os.path.dirname(os.path.abspath(args.overlay)))
             overlay = OverlayVideo(args.overlay, seg.classes, seg.palette_bgr)
             overlay.check()
+        _take_over(args, videos)
         return run_stream(seg, videos, args.out, fmt=args.format, overlay=overlay,
                           resume=args.resume, max_frames=args.max_frames,
                           progress=not (args.no_progress or args.quiet))
@@ -192,16 +217,25 @@ def _one_process(args: argparse.Namespace, videos: list) -> dict:
 def _run(args: argparse.Namespace, command: str) -> int:
     """The run, with --out locked; the exit code (1 if a video failed)."""
     from .files import FolderLock, atomic_write_text
+    from .outputs import RUN_MARKER
     from .report import summary_line
+    from .segmenter import choose_export
     from .sources import open_source
 
     created = not os.path.exists(args.out)
     lock = FolderLock(args.out, command)
     try:
+        if args.model is None:  # said first: which export runs, and why that one
+            args.model, why = choose_export()
+            log.info("model %s: %s (--model EXPORT chooses another)", args.model, why)
         lock.acquire()
         _prepare_out(args)
         videos = [v for source in args.sources for v in open_source(source)]
-        stats = _corpus(args, videos) if args.ray is not None else _one_process(args, videos)
+        if args.ray is not None:
+            _take_over(args, videos)
+            stats = _corpus(args, videos)
+        else:
+            stats = _one_process(args, videos)
         stats["sources"] = args.sources
         if args.stats:
             import json
@@ -210,8 +244,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
         return 1 if stats.get("failed_videos") else 0  # each said as it failed; --resume retries
     finally:
         lock.release()
-        if created and os.path.isdir(args.out) and not os.listdir(args.out):
-            os.rmdir(args.out)  # nothing was written: leave no empty folder behind
+        if created and os.path.isdir(args.out) and set(os.listdir(args.out)) <= {RUN_MARKER}:
+            shutil.rmtree(args.out)  # nothing was written: leave no empty folder behind
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -3,8 +3,10 @@ their clean-up after a crash, content hashes, the lock that keeps two runs out o
 and `inside`, the one check that a name taken from user data stays inside its folder.
 
 Every output of tbn-vit is written whole or not at all: to a hidden temporary name beside the
-target (`.<name>.tmp-<pid>`), flushed to disk, then renamed over the target. A process killed
-mid-write leaves only such a temporary; `sweep_stale` removes those whose process is gone.
+target (`.tbn-<name>.tmp-<pid>-<random>`), flushed to disk, then renamed over the target. A
+process killed mid-write leaves only such a temporary; `sweep_stale` removes those whose process
+is gone, and nothing else (no other program names its files so). A full disk or a short write
+is said as such, naming the file (`DiskFullError`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import sys
@@ -22,8 +25,10 @@ from typing import Callable, List, Optional
 
 from .errors import TbnError
 
-#: hidden temporaries and move-aside backups: .<name>.tmp-<pid>[<ext>] and .<name>.old-<pid>
-_TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:\.[A-Za-z0-9]+)?$")
+#: tbn-vit's own temporaries and move-aside backups (see temporary_name); nothing else matches
+OWN_TEMPORARY = re.compile(r"^\.tbn-.+\.(?:tmp|old)-(\d+)-[0-9a-f]{8}(?:\.[A-Za-z0-9]+)?$")
+#: inside a temporary folder of ours (make_temporary_dir): what lets sweep_stale remove it
+TEMPORARY_MARK = ".tbn-temporary"
 
 
 class UnsafePathError(TbnError, ValueError):
@@ -64,23 +69,90 @@ def inside(root: str, name: str, what: str) -> str:
 
 
 def temporary_name(path: str, suffix: str = "") -> str:
-    """The hidden temporary beside `path` owned by this process (`suffix`: e.g. '.mp4', for
-    writers that choose the format by the extension)."""
+    """A fresh hidden temporary beside `path`, owned by this process: `.tbn-<name>.tmp-<pid>-
+    <8 random hex>` (`suffix`: e.g. '.mp4', for writers that choose the format by the
+    extension). Each call gives another name, so two writers never share one."""
+    return _own_name(path, "tmp", suffix)
+
+
+def backup_name(path: str) -> str:
+    """A fresh hidden name beside `path` to move an old output aside to before replacing it."""
+    return _own_name(path, "old", "")
+
+
+def _own_name(path: str, kind: str, suffix: str) -> str:
     path = os.path.abspath(os.fspath(path))
-    return os.path.join(os.path.dirname(path),
-                        f".{os.path.basename(path)}.tmp-{os.getpid()}{suffix}")
+    return os.path.join(os.path.dirname(path), f".tbn-{os.path.basename(path)}.{kind}-"
+                                               f"{os.getpid()}-{secrets.token_hex(4)}{suffix}")
 
 
-def _fsync(path: str) -> None:
-    """Flush a written file (or a directory entry) to disk; a no-op where unsupported."""
+def make_temporary_dir(path: str) -> str:
+    """Create a fresh temporary folder beside `path` (for outputs that are whole folders),
+    marked as ours so that sweep_stale may remove it once this process is gone; call
+    `unmark_temporary_dir` before renaming it into place."""
+    tmp = temporary_name(path)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, TEMPORARY_MARK), "w") as f:
+        f.write(f"{os.getpid()}\n")
+    return tmp
+
+
+def unmark_temporary_dir(tmp: str) -> None:
+    try:
+        os.remove(os.path.join(tmp, TEMPORARY_MARK))
+    except FileNotFoundError:
+        pass
+
+
+class DiskFullError(OSError):
+    """An output that did not fit: the disk (or a quota, or a file size limit) is full. The
+    message names the file; nothing half-written is left under the target's name."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+#: the same said by writers that do not raise OSError: numpy's short write ("174080 requested
+#: and 155520 written"), safetensors (Rust's "StorageFull", "File too large (os error 27)"),
+#: torch.save ("PytorchStreamWriter failed writing file ...", "unexpected pos 704 vs 598")
+_SHORT_WRITE = re.compile("|".join([r"\d+ requested and \d+ written", "StorageFull",
+                                    "FileTooLarge", "PytorchStreamWriter failed writing",
+                                    r"inline_container.cc:\d+\] \. unexpected pos"] +
+                                   [re.escape(os.strerror(n)) for n in _FULL]))
+
+
+def disk_full(e: BaseException) -> bool:
+    """True if an error is a full disk, a quota, a file size limit or a short write."""
+    return isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in _FULL) or \
+        bool(_SHORT_WRITE.search(str(e)))
+
+
+def disk_full_error(path: str, e: BaseException) -> DiskFullError:
+    """The one-line DiskFullError for `path` from the error a writer raised."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    why = os.strerror(e.errno) if isinstance(e, OSError) and e.errno in _FULL else \
+        f"a short write: {first}"
+    err = DiskFullError(errno.ENOSPC, f"{path}: the disk is full ({why}); free space there or "
+                                      f"write elsewhere")
+    err.path = path
+    return err
+
+
+def _fsync(path: str, strict: bool = False) -> None:
+    """Flush a written file (or a directory entry) to disk; a no-op where unsupported. With
+    `strict`, a failure to flush (ENOSPC, EIO: data the disk did not take) is raised."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if strict and e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EROFS):
+            raise
     finally:
         os.close(fd)
 
@@ -90,19 +162,26 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     file, and the previous file survives any failure of `write`.
 
     The temporary sits beside the target (same file system, so the rename is atomic) under a
-    hidden name; it is removed if write fails. Parent folders are created.
+    hidden name; it is removed if write fails. Parent folders are created. A full disk, a quota,
+    a file size limit or a short write (also when only the flush finds it) raises DiskFullError
+    naming `path`.
     """
     path = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     tmp = temporary_name(path)
     try:
-        write(tmp)
-        _fsync(tmp)
+        try:
+            write(tmp)
+            _fsync(tmp, strict=True)
+        except Exception as e:
+            if disk_full(e):
+                raise disk_full_error(path, e) from None
+            raise
         os.replace(tmp, path)
         _fsync(directory)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
 
 
@@ -128,23 +207,31 @@ def process_alive(pid: int) -> bool:
 
 
 def sweep_stale(directory: str) -> List[str]:
-    """Remove the temporaries (files or folders) of processes that no longer run from
-    `directory` (not recursive); returns what was removed. Those of live processes (another run
-    writing right now) are left alone."""
+    """Remove from `directory` (not recursive) the temporaries tbn-vit left when its process
+    was killed; returns what was removed. Only its own: names of the form temporary_name and
+    backup_name give, whose pid no longer runs; plain files, or folders made by
+    make_temporary_dir (they hold its mark). Symbolic links, other programs' hidden files and
+    those of live processes (another run writing right now) are left alone."""
     removed: List[str] = []
     try:
         entries = list(os.scandir(directory))
     except OSError:
         return removed
     for entry in entries:
-        m = _TEMPORARY.match(entry.name)
+        m = OWN_TEMPORARY.match(entry.name)
         if not m or int(m.group(1)) == os.getpid() or process_alive(int(m.group(1))):
             continue
         try:
+            if entry.is_symlink():
+                continue
             if entry.is_dir(follow_symlinks=False):
+                if not os.path.isfile(os.path.join(entry.path, TEMPORARY_MARK)):
+                    continue
                 shutil.rmtree(entry.path)
-            else:
+            elif entry.is_file(follow_symlinks=False):
                 os.remove(entry.path)
+            else:
+                continue
             removed.append(entry.path)
         except OSError:
             pass

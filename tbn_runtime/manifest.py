@@ -6,6 +6,7 @@ them: the export size and input format, the feature shape and dtype, the tempora
 ring size, the tensor names, each file's sha256, and what the engines were built on.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -28,8 +29,21 @@ BATCH_AXIS = "batch"
 MAX_OFFSET = 64
 
 
+#: the field holding the sha256 of the rest of the manifest: the offsets, ring size, sizes and
+#: precision that tell the runtime how to chain the graphs are bound to the graphs' own sha256s
+#: (in 'files'), so a manifest edited by hand is refused rather than run with the wrong past
+CONTENT_HASH = "content_sha256"
+
+
 class ManifestError(TbnError, ValueError):
     """An export directory the runtime cannot use; the message names the file and the fix."""
+
+
+def content_sha256(data: Dict[str, Any]) -> str:
+    """The sha256 of a manifest's fields (all but CONTENT_HASH), as canonical JSON."""
+    rest = {k: v for k, v in data.items() if k != CONTENT_HASH}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass
@@ -79,6 +93,7 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         data["ring_size"] = self.ring_size
+        data[CONTENT_HASH] = content_sha256(data)
         return json.dumps(data, indent=2)
 
     def save(self, export_dir: str) -> None:
@@ -120,6 +135,8 @@ def load_manifest(export_dir: str) -> Manifest:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ManifestError(f"{path} is export format {version}, newer than this tbn-vit reads "
                             f"({FORMAT_VERSION}); upgrade tbn-vit or export with this version")
+    recorded = data.get(CONTENT_HASH)
+    digest = content_sha256(data)
     ring_size = data.pop("ring_size", None)
     known = set(Manifest.__dataclass_fields__)
     try:
@@ -129,6 +146,14 @@ def load_manifest(export_dir: str) -> Manifest:
     problem = validate(manifest, ring_size)
     if problem:
         raise ManifestError(f"{path}: {problem}; export again with tbn-export (a manifest is "
+                            f"written by tbn-export, not by hand)")
+    if recorded != digest:
+        why = ("carries no content hash (written by an older tbn-export, or edited)"
+               if recorded is None else
+               "was changed after export (its fields no longer match the content_sha256 "
+               "tbn-export recorded)")
+        raise ManifestError(f"{path} {why}: the offsets, sizes and precision it states are "
+                            f"bound to the graphs; export again with tbn-export (a manifest is "
                             f"written by tbn-export, not by hand)")
     return manifest
 

@@ -41,9 +41,10 @@ PNG_LEVEL = 3
 def write_mask_png(path: PathLike, ids: np.ndarray) -> None:
     """Write a uint8 H x W array of train ids as an 8-bit palette PNG, atomically.
 
-    The image goes to a temporary file in the same directory (`.<name>.tmp-<pid>`) and is then
-    moved over `path` with `os.replace`, so readers never see a partial file. Parent folders
-    are created. Raises ValueError for a wrong dtype or shape.
+    The image goes to a temporary file in the same directory (tbn_runtime.files.atomic_write)
+    and is then moved over `path` with `os.replace`, so readers never see a partial file.
+    Parent folders are created. Raises ValueError for a wrong dtype or shape, DiskFullError
+    (naming the file) when the disk is full.
     """
     ids = _check_ids(ids)
     img = Image.fromarray(np.ascontiguousarray(ids))  # mode 'L'

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import rle
+from .errors import TbnError
 from .files import atomic_write, atomic_write_text, inside
 from .masks import read_label_png, write_mask_png
 
@@ -43,6 +44,90 @@ def has_outputs(out_dir: str) -> bool:
             if any(visible_output(f) for f in os.listdir(entry.path)):
                 return True
     return False
+
+
+#: in an output folder: that tbn-run writes there, and the videos it wrote (for --overwrite)
+RUN_MARKER = ".tbn-run.json"
+
+
+class NotOursError(TbnError, RuntimeError):
+    """An output folder holding labels that tbn-run did not write (--overwrite refuses it)."""
+
+
+def _recorded_videos(out_dir: str) -> Optional[List[str]]:
+    """The videos RUN_MARKER records (None: no marker, or not one of ours)."""
+    try:
+        with open(os.path.join(out_dir, RUN_MARKER), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("written_by") != "tbn-run" or \
+            not isinstance(data.get("videos"), list):
+        return None
+    return [v for v in data["videos"] if isinstance(v, str)]
+
+
+def mark_outputs(out_dir: str, videos: Sequence[str]) -> None:
+    """Record in out_dir that tbn-run writes these videos' labels there (added to those it
+    recorded before), before the first of them is written."""
+    known = _recorded_videos(out_dir) or []
+    names = sorted(set(known) | set(videos))
+    atomic_write_text(os.path.join(out_dir, RUN_MARKER), json.dumps(
+        {"written_by": "tbn-run", "videos": names}, indent=1) + "\n")
+
+
+def _own_entry(out_dir: str, name: str) -> Optional[str]:
+    """out_dir/name for a recorded video name that stays inside out_dir, else None."""
+    if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        return None
+    return os.path.join(out_dir, name)
+
+
+def _label_files(out_dir: str, video: str) -> List[str]:
+    """The label files of a video in out_dir, any format: <video>.json and <video>/*.png|npy
+    (plain files, not hidden; nothing for a name that would lead outside out_dir)."""
+    base = _own_entry(out_dir, video)
+    if base is None:
+        return []
+    found = []
+    coco = base + _EXT["coco-rle"]
+    if os.path.isfile(coco) and not os.path.islink(coco):
+        found.append(coco)
+    if os.path.isdir(base) and not os.path.islink(base):
+        found += sorted(e.path for e in os.scandir(base)
+                        if e.is_file(follow_symlinks=False) and not e.name.startswith(".")
+                        and e.name.endswith((_EXT["png"], _EXT["npy"])))
+    return found
+
+
+def clear_outputs(out_dir: str, videos: Sequence[str]) -> int:
+    """--overwrite: remove every label file (any format) of these videos that an earlier
+    tbn-run wrote in out_dir, so that no stale frame of a longer run survives; other videos'
+    labels and other files stay. Returns how many files went. NotOursError, before removing
+    anything, if out_dir holds labels without tbn-run's marker, or labels of one of these
+    videos that the marker does not record."""
+    recorded = _recorded_videos(out_dir)
+    if recorded is None and has_outputs(out_dir):
+        raise NotOursError(f"{out_dir} holds label files that tbn-run did not write (no "
+                           f"{RUN_MARKER}); --overwrite replaces only tbn-run's own: remove "
+                           f"them yourself or choose another --out")
+    doomed = []
+    for video in dict.fromkeys(videos):
+        files = _label_files(out_dir, video)
+        if files and video not in (recorded or []):
+            raise NotOursError(f"{os.path.join(out_dir, video)} holds label files that tbn-run "
+                               f"did not write ({RUN_MARKER} does not record it); remove them "
+                               f"yourself or choose another --out")
+        doomed.append((video, files))
+    removed = 0
+    for video, files in doomed:
+        for path in files:
+            os.remove(path)
+            removed += 1
+        base = os.path.join(out_dir, video)
+        if files and os.path.isdir(base) and not os.listdir(base):
+            os.rmdir(base)
+    return removed
 
 
 class MaskOutput:

@@ -1,5 +1,6 @@
 """The overlay video: every frame blended with its colourised labels and a legend of the classes
-on screen, written under a temporary name and renamed when complete."""
+on screen, written under a temporary name and renamed when the encoder has closed and the file
+reads back whole."""
 
 from __future__ import annotations
 
@@ -109,12 +110,41 @@ class OverlayVideo:
         self.writer.write(img)
         self.frames += 1
 
+    def _unreadable(self) -> Optional[str]:
+        """Why the temporary is not the whole video just written (None: it reads back whole,
+        every frame). OpenCV's encoder says nothing of a full disk: reading back does."""
+        try:
+            size = os.path.getsize(self.tmp)
+        except OSError as e:
+            return f"it is missing ({e.strerror})"
+        cap = cv2.VideoCapture(self.tmp)
+        try:
+            if size == 0 or not cap.isOpened():
+                return f"the file ({size} bytes) does not open as a video"
+            n = 0
+            while cap.grab():
+                n += 1
+        finally:
+            cap.release()
+        if n != self.frames:
+            return f"it reads back {n} of its {self.frames} frames ({size} bytes)"
+        return None
+
     def finish(self, ok: bool) -> None:
-        """Rename the video into place when the run finished; otherwise remove it."""
+        """When the run finished: close the encoder, check that the file reads back whole and
+        rename it into place (OverlayError if it does not: a full disk, most often; nothing
+        is left under the overlay's name). Otherwise remove it."""
         if self.writer is not None:
             self.writer.release()
             self.writer = None
-        if ok and self.frames:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        try:
+            if ok and self.frames:
+                why = self._unreadable()
+                if why is not None:
+                    raise OverlayError(f"the overlay video {self.path} was not written whole: "
+                                       f"{why}; is the disk full? Free space there or write "
+                                       f"the overlay elsewhere (the labels are complete)")
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.lexists(self.tmp):
+                os.remove(self.tmp)

@@ -22,39 +22,70 @@ between videos (`stream` does it itself). tbn-run's driver (tbn_runtime.driver) 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .backends import Backend, open_backend
 from .console import DEFAULT_RUN
+from .errors import TbnError
 from .manifest import MANIFEST_NAME, ManifestError, load_manifest
 from .preprocess import resize_frame, resize_labels
 
 
+#: inside an export: when tbn-export made it, or last found it up to date (tbn-run without
+#: --model takes the latest one)
+EXPORTED_STAMP = ".tbn-exported"
+
+
+def _exported_at(export: str) -> float:
+    """When tbn-export made or confirmed this export: its stamp, else the manifest's mtime."""
+    import json
+
+    try:
+        with open(os.path.join(export, EXPORTED_STAMP), encoding="utf-8") as f:
+            when = json.load(f)["exported_at"]
+        if isinstance(when, (int, float)) and not isinstance(when, bool):
+            return float(when)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return os.path.getmtime(os.path.join(export, MANIFEST_NAME))
+
 
 def find_exports(root: str = DEFAULT_RUN) -> List[str]:
-    """Export folders (export, export-fp16, export-int8, ...) directly under `root`, newest
-    manifest first."""
+    """Export folders (export, export-fp16, export-int8, ...) directly under `root`, the one
+    tbn-export made or found up to date last first."""
     try:
-        entries = [e for e in os.scandir(root) if e.is_dir() and e.name.startswith("export")
-                   and os.path.isfile(os.path.join(e.path, MANIFEST_NAME))]
+        found = [os.path.join(root, e.name) for e in os.scandir(root)
+                 if e.is_dir() and e.name.startswith("export")
+                 and os.path.isfile(os.path.join(e.path, MANIFEST_NAME))]
     except OSError:
         return []
-    entries.sort(key=lambda e: os.path.getmtime(os.path.join(e.path, MANIFEST_NAME)),
-                 reverse=True)
-    return [os.path.join(root, e.name) for e in entries]
+    return sorted(found, key=_exported_at, reverse=True)
 
 
-def default_export(root: str = DEFAULT_RUN) -> str:
-    """The newest export under `root` (what the last tbn-export wrote); ManifestError if none."""
+def choose_export(root: str = DEFAULT_RUN) -> Tuple[str, str]:
+    """(the export to run when none is named, why that one): of the exports under `root`, the
+    one tbn-export made or found up to date last; ManifestError if there is none."""
     found = find_exports(root)
     if not found:
         raise ManifestError(f"no export under {root}/ (export*/manifest.json): make one with "
                             f"tbn-export, or pass the export folder (--model DIR)")
-    return found[0]
+    others = f"; also there: {', '.join(found[1:])}" if len(found) > 1 else ""
+    return found[0], f"the export tbn-export made or confirmed last under {root}/{others}"
+
+
+def default_export(root: str = DEFAULT_RUN) -> str:
+    """The export to run when none is named (see choose_export); ManifestError if none."""
+    return choose_export(root)[0]
+
+
+class SegmenterError(TbnError, RuntimeError):
+    """A Segmenter used in a way that would give wrong labels (closed; one stream fed by two
+    threads); the message says what to do instead."""
 
 
 @dataclass
@@ -80,6 +111,12 @@ class Segmenter:
     threads: CPU threads of the engines (ONNX Runtime's intra-op pool, or torch's), for several
     processes sharing a machine (tbn-run --ray); default: one per core.
     Raises ManifestError (a bad export) or BackendError (a backend that cannot run here).
+
+    Threads: a stream's video belongs to the thread that started it (reset(), or its first
+    frame); another live thread feeding that stream gets SegmenterError rather than labels
+    computed from the other video's past. Threads on distinct streams (streams=N) each get
+    their own video's labels, the engine calls taking turns. After close(), every call raises
+    SegmenterError.
     """
 
     def __init__(self, export: Optional[str] = None, backend: Union[str, Backend] = "auto",
@@ -104,6 +141,13 @@ class Segmenter:
         self.frames = {"segmented": 0, "skipped": 0}
         #: the most decoded events that waited for the main thread (the queue is bounded)
         self.decode_queue_peak = 0
+        # Each stream's ring holds one video's past: the thread that started a stream's video
+        # (reset, or its first frame) owns the stream until it resets it again, and any other
+        # live thread feeding it gets SegmenterError instead of another video's past. The
+        # engines run one call at a time (threads on distinct streams take turns).
+        self._engine_lock = threading.Lock()
+        self._owners: Dict[int, threading.Thread] = {}
+        self._closed = False
 
     @property
     def height(self) -> int:
@@ -120,11 +164,45 @@ class Segmenter:
 
     # -- one frame at a time ---------------------------------------------------------------------
     def _to_export_size(self, frame: np.ndarray) -> np.ndarray:
+        if frame is None:
+            raise ValueError("a frame must be uint8 H x W x 3 BGR, got None (cv2.imread gives "
+                             "None for a file it cannot read; VideoCapture.read at the end)")
         frame = np.asarray(frame)
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             raise ValueError(f"a frame must be uint8 H x W x 3 BGR (as cv2.imread/VideoCapture "
                              f"give it), got {frame.dtype} {frame.shape}")
+        if frame.shape[0] == 0 or frame.shape[1] == 0:
+            raise ValueError(f"a frame must have at least one pixel, got an empty array of "
+                             f"shape {frame.shape}")
         return resize_frame(frame, self.height, self.width)
+
+    def _check_usable(self, streams: Sequence[int]) -> None:
+        """SegmenterError if closed; ValueError for streams this Segmenter does not have."""
+        if self._closed:
+            raise SegmenterError("this Segmenter is closed (close(), or the end of its `with` "
+                                 "block): make a new Segmenter")
+        n = self.backend.streams
+        bad = [s for s in streams if not isinstance(s, (int, np.integer)) or not 0 <= s < n]
+        if bad or len(set(streams)) != len(streams):
+            have = "one stream, 0" if n == 1 else f"{n} streams, 0..{n - 1}"
+            fix = (" (Segmenter(..., streams=N) runs N videos at once)" if n == 1 else "")
+            raise ValueError(f"streams {list(streams)}: this Segmenter has {have}, and each "
+                             f"stream takes one frame per call{fix}")
+
+    def _claim(self, streams: Sequence[int], start: bool) -> None:
+        """Make the calling thread the owner of `streams` (start: a new video on them), or
+        raise SegmenterError if another live thread is feeding one of them."""
+        me = threading.current_thread()
+        for s in streams:
+            owner = self._owners.get(s)
+            if owner is not None and owner is not me and owner.is_alive() and not start:
+                raise SegmenterError(
+                    f"stream {s} of this Segmenter is feeding thread {owner.name!r}'s video; "
+                    f"frames from thread {me.name!r} would mix the two videos' past frames. Give "
+                    f"each thread its own Segmenter, or its own stream (streams=N, "
+                    f"segment(frame, stream=i)), or reset(stream) to start a new video")
+        for s in streams:
+            self._owners[s] = me
 
     def segment(self, frame: np.ndarray, stream: int = 0) -> np.ndarray:
         """The labels (uint8 train ids, H x W of the frame) of the next frame of the video."""
@@ -143,10 +221,14 @@ class Segmenter:
         their features, one for the labels of those with want[i] (default: all); the labels of
         the others are None (features only)."""
         want = [True] * len(frames) if want is None else list(want)
+        self._check_usable(streams)
         t0 = time.perf_counter()
         xs = [self._to_export_size(f) for f in frames]
         t1 = time.perf_counter()
-        out = self.backend.step(xs, streams, want)
+        with self._engine_lock:
+            self._check_usable(streams)  # closed by another thread meanwhile
+            self._claim(streams, start=False)
+            out = self.backend.step(xs, streams, want)
         t2 = time.perf_counter()
         for i, (frame, labels) in enumerate(zip(frames, out)):
             if labels is not None:
@@ -158,8 +240,12 @@ class Segmenter:
         return out
 
     def reset(self, stream: int = 0) -> None:
-        """Start a new video on `stream`: the next frame is frame 0 (its past is itself)."""
-        self.backend.reset(stream)
+        """Start a new video on `stream`: the next frame is frame 0 (its past is itself). The
+        calling thread becomes the stream's owner (see segment_many)."""
+        self._check_usable([stream])
+        with self._engine_lock:
+            self._claim([stream], start=True)
+            self.backend.reset(stream)
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:
         """BGR colours of labels in this export's palette (ignore, 255, white)."""
@@ -207,8 +293,10 @@ class Segmenter:
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the engines and device memory (idempotent)."""
-        self.backend.close()
+        """Free the engines and device memory (idempotent); later calls raise SegmenterError."""
+        with self._engine_lock:
+            self._closed = True
+            self.backend.close()
 
     def __enter__(self) -> "Segmenter":
         return self

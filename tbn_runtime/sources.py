@@ -132,6 +132,14 @@ def _image_folder(folder: str, name: str) -> Optional[Video]:
     files = _image_files(folder)
     if not files:
         return None
+    by_name: dict = {}
+    for path in files:  # f.png and f.jpg would both write the labels of frame f
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in by_name:
+            raise SourceError(f"{folder}: {os.path.basename(by_name[stem])} and "
+                              f"{os.path.basename(path)} are both frame '{stem}' (one label "
+                              f"file per frame name); remove or rename one")
+        by_name[stem] = path
     return Video(name, "frames", folder, 25.0, len(files), lambda: _image_frames(files))
 
 
@@ -224,6 +232,14 @@ def open_source(source: str) -> List[Video]:
                         f"{source}: the stream does not open (unreachable, or not a video "
                         f"stream OpenCV's FFmpeg can read)")]
     if not os.path.exists(source):
+        if os.path.islink(source):  # a loop, or a link whose target is gone
+            try:
+                os.stat(source)
+                why = "it leads nowhere"
+            except OSError as e:
+                why = e.strerror or str(e)
+            raise SourceError(f"{source}: a symbolic link that does not lead to a file or "
+                              f"folder ({why}); point it at a video or a folder")
         raise SourceError(f"{source}: no such file or folder")
     if os.path.isdir(source):
         videos = _folder(source)

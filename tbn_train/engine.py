@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from tbn_runtime.files import atomic_write
+from tbn_runtime.files import atomic_write, disk_full, disk_full_error
 
 from . import distributed as dist_utils
 from . import losses
@@ -33,7 +33,7 @@ from .checkpoint import save_checkpoint, save_train_state
 from tbn_runtime.console import progress_bar
 from .config import TrainConfig
 from .distributed import DistInfo
-from .errors import DatasetError, NonFiniteLoss, TrainingStopped
+from .errors import DatasetError, LoaderDied, NonFiniteLoss, TrainingStopped, worker_died
 from .evaluate import evaluate_model
 from .preemption import StopRequest
 from .stage import Stage, build_stage, finished, micro_batches, micro_seed, snapshot
@@ -65,8 +65,11 @@ def trim_log(path: Path, step: int) -> None:
 
 
 def append_jsonl(path: Path, record: Dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise disk_full_error(str(path), e) if disk_full(e) else e
 
 
 # -- one step, its log line, evaluation -----------------------------------------------------------
@@ -78,6 +81,10 @@ def fetch(batches: Iterator, accum: int) -> Tuple[List, Optional[DatasetError]]:
             micro.append(next(batches))
     except DatasetError as e:
         return micro, e
+    except (RuntimeError, OSError) as e:  # a worker killed (small /dev/shm) or failed
+        if not worker_died(e):
+            raise
+        return micro, LoaderDied(e)
     return micro, None
 
 

@@ -40,6 +40,27 @@ class DatasetError(TbnError):
         super().__init__(text)
 
 
+class LoaderDied(DatasetError):
+    """A DataLoader worker process died or failed outside the dataset's own checks (killed by
+    a small /dev/shm, a file size limit, the OOM killer); the message says the fix."""
+
+    def __init__(self, cause: BaseException) -> None:
+        lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
+        what = lines[-1] if lines else type(cause).__name__
+        super().__init__(f"a DataLoader worker failed ({what[:300]}): most often shared memory "
+                         f"(/dev/shm) is too small for the batches; give it more (docker run "
+                         f"--shm-size 8g) or load in the training process with --workers 0")
+        self.worker_traceback = str(cause)
+
+
+def worker_died(e: BaseException) -> bool:
+    """True for the errors torch's DataLoader raises when a worker dies or fails on its own
+    (not a DatasetError of the data, which carries its own line)."""
+    text = str(e)
+    return not isinstance(e, DatasetError) and ("DataLoader worker" in text or
+                                                "shared memory" in text)
+
+
 class CheckpointError(TbnError, ValueError):
     """A checkpoint or training state that cannot be used; the message names the file and the
     fix."""

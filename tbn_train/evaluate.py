@@ -224,9 +224,9 @@ def build_parser() -> cli.OneLineParser:
 
 def evaluate(args) -> dict:
     """What tbn-eval computes for its parsed arguments."""
-    if not Path(args.data).is_dir():
-        raise DatasetError(f"data root {args.data} not found; pass --data ROOT (a VSPW "
-                           f"folder), or make demo data with: tbn-synth --out data/synth")
+    from .data.vspw import check_data_root
+
+    check_data_root(args.data)
     if args.checkpoint:
         from .checkpoint import load_model
         from .distributed import pick_device

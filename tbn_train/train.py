@@ -41,17 +41,18 @@ from pathlib import Path
 from typing import List, Optional
 
 from tbn_runtime import console as cli
-from tbn_runtime.files import atomic_write
+from tbn_runtime.files import FolderLock, atomic_write, disk_full
 
 from .config import (FIELDS, TrainConfig, add_override_args, list_presets, make_config,
                      overrides_from_args)
-from .errors import CheckpointError, DatasetError
+from .errors import CheckpointError
 
 # torch and everything built on it are imported in main() after the arguments are parsed, so
 # --help and argument mistakes answer at once.
 
 PROG = "tbn-train"
-EXIT_CODES = ("exit codes: 0 done; 2 a mistake in the command, config or data (one line names "
+EXIT_CODES = ("exit codes: 0 done; 1 an I/O error (a full disk: the saves so far are whole); "
+              "2 a mistake in the command, config or data (one line names "
               "it and the fix); 3 the loss became NaN/inf (the last good state is kept); "
               "128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1) with the last "
               "step saved: continue with --resume")
@@ -137,14 +138,31 @@ def publish(stage_dir: Path, out: Path) -> None:
 
 def run(cfg: TrainConfig, stage_arg: str, resume: bool, overwrite: bool, info,
         progress: bool) -> None:
+    out = Path(cfg.out)
+    if stage_arg == "2" and cfg.stage2_iters <= 0:
+        raise ValueError("this config has no stage 2 (stage2_iters is 0); pass --stage2-iters N")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
+    # one training run per folder: a second tbn-train into it is refused, naming the holder
+    # (rank 0 holds it for the whole job; the kernel drops it however the process ends)
+    lock = FolderLock(str(out), " ".join([PROG] + sys.argv[1:])) if info.is_main else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        _run(cfg, out, stage_arg, resume, overwrite, info, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: TrainConfig, out: Path, stage_arg: str, resume: bool, overwrite: bool, info,
+         progress: bool) -> None:
     from .checkpoint import load_train_state
+    from .data.vspw import check_data_root
     from .preemption import StopRequest
     from .engine import train_stage
     from .stage import check_resume_settings
 
-    out = Path(cfg.out)
-    if stage_arg == "2" and cfg.stage2_iters <= 0:
-        raise ValueError("this config has no stage 2 (stage2_iters is 0); pass --stage2-iters N")
     stages = [1, 2] if stage_arg == "all" else [int(stage_arg)]
     stages = [s for s in stages if s == 1 or cfg.stage2_iters > 0]
     if not (resume or overwrite):
@@ -153,10 +171,8 @@ def run(cfg: TrainConfig, stage_arg: str, resume: bool, overwrite: bool, info,
             log.info(f"{out} already holds this run, finished (best val mIoU {best:.2f}); "
                      f"nothing to do (--overwrite trains it again)")
             return
+    check_data_root(cfg.data)
     prepare_out(out, stages, resume, overwrite, info)
-    if not Path(cfg.data).is_dir():
-        raise DatasetError(f"data root {cfg.data} not found; pass --data ROOT (a VSPW folder), "
-                           f"or make demo data with: tbn-synth --out data/synth")
     states = {s: load_train_state(out / f"stage{s}") if resume else None for s in stages}
     for s, state in states.items():
         if state is not None:
@@ -229,7 +245,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         info = dist_utils.setup(cfg.device)
         cli.setup_logging(PROG, args.verbose, args.quiet, rank=info.rank)
-        run(cfg, args.stage, args.resume, args.overwrite, info, cli.show_progress(args.quiet))
+        try:
+            run(cfg, args.stage, args.resume, args.overwrite, info,
+                cli.show_progress(args.quiet))
+        except OSError as e:  # a full disk, a quota, an unwritable --out: the saves are whole
+            cause = str(e) if disk_full(e) else f"{e.filename + ': ' if e.filename else ''}" \
+                                                f"{e.strerror or e}"
+            log.error(f"{cause}. Training stopped; what it saved before in {cfg.out} is whole "
+                      f"(written to a temporary, then renamed): fix that, then continue with "
+                      f"--resume")
+            return 1
         # every rank done before any tears the process group down: a rank whose peer has gone
         # can abort in gloo's threads at exit ("terminate called without an active exception")
         dist_utils.barrier(info)

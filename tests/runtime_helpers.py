@@ -82,12 +82,29 @@ NO_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['tbn_train'] =
             "from tbn_runtime.cli import main; sys.exit(main())")
 
 
-def tbn_run(*args: str, block_torch: bool = True, timeout: float = 120):
-    """Run tbn-run in a subprocess (torch blocked by default); returns CompletedProcess."""
+def _file_size_limit(limit: int):
+    """preexec_fn: files of the child may not grow past `limit` bytes (RLIMIT_FSIZE): writes
+    beyond fail with EFBIG, as on a full disk (Python ignores SIGXFSZ), without root."""
+    def apply() -> None:
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def tbn_run(*args: str, block_torch: bool = True, timeout: float = 120, cwd=None,
+            fsize: int = 0):
+    """Run tbn-run in a subprocess (torch blocked by default); returns CompletedProcess.
+    fsize: a file size limit for the child (a full disk, as far as its writes go)."""
     cmd = [sys.executable, "-c", NO_TORCH] if block_torch else [sys.executable, "-m",
                                                                  "tbn_runtime"]
+    env = None
+    if cwd is not None:  # the checkout stays importable from another working directory
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     return subprocess.run(cmd + ["--no-progress", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd, env=env,
+                          preexec_fn=_file_size_limit(fsize) if fsize else None)
 
 
 def dead_pid() -> int:

@@ -246,6 +246,15 @@ def test_each_precision_has_its_own_default_folder(checkpoint, tmp_path, monkeyp
     runs = tmp_path / "runs" / "tbn"
     assert load_manifest(str(runs / "export")).precision == "fp32"
     assert load_manifest(str(runs / "export-fp16")).precision == "fp16"
+    # tbn-run without --model takes what tbn-export made or found up to date last, whichever
+    # manifest is newest (make demo, then the README's chain: its --fp16 is "up to date")
+    from tbn_runtime.segmenter import choose_export
+
+    for flags, taken in (([], "export"), (["--fp16"], "export-fp16"), ([], "export")):
+        assert main(["--checkpoint", checkpoint, *flags]) == 0
+        assert "nothing to do" in capsys.readouterr().err
+        path, why = choose_export()
+        assert path == os.path.join("runs", "tbn", taken) and "last" in why
     # an fp16 export into the fp32 folder is refused, and the folder left as it was
     before = sha256_file(str(runs / "export" / "manifest.json"))
     capsys.readouterr()
@@ -255,7 +264,7 @@ def test_each_precision_has_its_own_default_folder(checkpoint, tmp_path, monkeyp
 
 
 def test_out_dir_rules(fp32_dir, tmp_path):
-    from tbn_export.cli import UsageError, _check_out_dir
+    from tbn_export.out_dir import OutDirError as UsageError, check_out_dir as _check_out_dir
 
     m = load_manifest(fp32_dir)
     same = {"sha256": m.checkpoint["sha256"], "size": [m.height, m.width], "logits": False}
@@ -275,8 +284,11 @@ def test_out_dir_rules(fp32_dir, tmp_path):
 def test_killed_exports_temporaries_are_swept(checkpoint, tmp_path):
     from runtime_helpers import dead_pid
 
-    dead = tmp_path / f".export.tmp-{dead_pid()}"  # left by an export that was killed
+    from tbn_runtime.files import TEMPORARY_MARK
+
+    dead = tmp_path / f".tbn-export.tmp-{dead_pid()}-0123abcd"  # left by a killed export
     dead.mkdir()
+    (dead / TEMPORARY_MARK).write_text("1\n")
     (dead / "feature.onnx").write_bytes(b"half")
     assert main(["--checkpoint", checkpoint, "--out", str(tmp_path / "export")]) == 0
     assert sorted(os.listdir(tmp_path)) == ["export"]
@@ -317,7 +329,8 @@ def test_cli_config_does_not_match_weights(checkpoint, tmp_path, capsys):
     _assert_one_line_error(capsys, "do not match")
 
 
-@pytest.mark.parametrize("size", [("16", "96"), ("64", "0"), ("-64", "96"), ("64", "abc")])
+@pytest.mark.parametrize("size", [("16", "96"), ("64", "0"), ("-64", "96"), ("64", "abc"),
+                                  ("100000", "96"), ("64", "16385")])  # the runtime: 32..16384
 def test_cli_bad_export_size(checkpoint, tmp_path, capsys, size):
     assert main(["--checkpoint", checkpoint, "--out", str(tmp_path / "o"),
                  "--height", size[0], "--width", size[1]]) == 2
@@ -337,13 +350,47 @@ def test_cli_refuses_another_models_export(checkpoint, bisenet_dir, tmp_path, ca
     assert sorted(os.listdir(tmp_path)) == ["other"]  # the old export moved aside and removed
 
 
-def test_cli_refuses_unrelated_directory(checkpoint, tmp_path, capsys):
+def _training_run(d):  # what tbn-train leaves in its --out
+    (d / "stage1").mkdir(parents=True)
+    (d / "best.safetensors").write_bytes(b"weights")
+    (d / "stage1" / "last.safetensors").write_bytes(b"weights")
+    (d / "metrics.jsonl").write_text("{}\n")
+
+
+def _export_and_more(d, fp32_dir):  # an export with files of the user's beside it
+    shutil.copytree(fp32_dir, d)
+    (d / "masks").mkdir()
+    (d / "masks" / "00000000.png").write_bytes(b"a mask")
+
+
+def _notes(d):
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+
+
+def _hidden(d):
+    d.mkdir()
+    (d / ".git").write_text("mine, hidden")
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+@pytest.mark.parametrize("make, named", [
+    (lambda d, fp32: _notes(d), "notes.txt"),
+    (lambda d, fp32: _training_run(d), "best.safetensors"),
+    (_export_and_more, "masks"),
+    (lambda d, fp32: _hidden(d), ".git"),
+])
+def test_cli_replaces_only_an_export_it_wrote(checkpoint, fp32_dir, tmp_path, capsys, flags,
+                                             make, named):
+    """--overwrite replaces an export, never a folder of other files (a training run, notes,
+    masks beside an export): refused in one line naming them, every file left as it was."""
     out = tmp_path / "stuff"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    assert main(["--checkpoint", checkpoint, "--out", str(out)]) == 2
-    _assert_one_line_error(capsys, "--overwrite")
-    assert (out / "notes.txt").read_text() == "mine"
+    make(out, fp32_dir)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["--checkpoint", checkpoint, "--out", str(out), *flags]) == 2
+    _assert_one_line_error(capsys, str(out), "not a tbn-vit export", named, "another --out")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["stuff"]  # no temporary left beside it
 
 
 def test_cli_missing_video(checkpoint, tmp_path, capsys):

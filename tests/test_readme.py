@@ -75,6 +75,8 @@ def test_readme_chain_runs_as_typed(tmp_path):
         assert [m.name for m in masks] == [t.name for t in truth]
         assert np.asarray(Image.open(masks[0])).shape == np.asarray(Image.open(truth[0])).shape
     assert "mIoU" in outputs["tbn-eval"].stdout + outputs["tbn-eval"].stderr
+    # tbn-run took what the chain's tbn-export made, and said so first
+    assert "runs/tbn/export-fp16" in outputs["tbn-run"].stderr.splitlines()[0]
     latency = outputs["benchmarks/latency.py"]
     assert "runs/tbn/export-fp16" in latency.stderr  # it found the export tbn-export wrote
     assert "(trained weights)" in latency.stdout

@@ -1,6 +1,5 @@
 """tbn_runtime backends: the ring through each backend equals PyTorch clip inference."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -154,10 +153,9 @@ def test_torch_backend_checks_its_weights(export_dir, tmp_path):
     shutil.copy(load_manifest(export_dir).checkpoint["path"], ckpt)
     with open(ckpt, "ab") as f:
         f.write(b"\0")
-    path = os.path.join(bad, "manifest.json")
-    data = json.load(open(path))
-    data["checkpoint"] = {"path": ckpt, "sha256": data["checkpoint"]["sha256"]}
-    json.dump(data, open(path, "w"))
+    m = load_manifest(bad)
+    m.checkpoint = {"path": ckpt, "sha256": m.checkpoint["sha256"]}
+    m.save(bad)  # as tbn-export would write it (a hand edit is refused: test_runtime_faults)
     with pytest.raises(BackendError, match="sha256"):
         backend_class("torch")(bad, load_manifest(bad), "cpu")
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import cv2
+import numpy as np
 import pytest
 
 from runtime_helpers import one_line_error, synthetic_frames, tbn_run, write_video
@@ -117,3 +118,33 @@ def test_output_folder_with_masks_refused(good_video, export_dir, tmp_path):
     r = tbn_run(good_video, "--out", str(out), "--model", export_dir, "--overwrite")
     assert r.returncode == 0, r.stderr
     assert len(os.listdir(out / "good")) == 4
+
+
+def _duplicate_frames(d):
+    (d / "frames").mkdir()
+    cv2.imwrite(str(d / "frames" / "f.png"), np.zeros((48, 64, 3), np.uint8))
+    cv2.imwrite(str(d / "frames" / "f.jpg"), np.zeros((48, 64, 3), np.uint8))
+    return d / "frames"
+
+
+def _link_loop(d):
+    os.symlink(d / "b", d / "a")
+    os.symlink(d / "a", d / "b")
+    return d / "a"
+
+
+def _dangling_link(d):
+    os.symlink(d / "gone.mp4", d / "v.mp4")
+    return d / "v.mp4"
+
+
+@pytest.mark.parametrize("make, needles", [
+    (_duplicate_frames, ("f.jpg and f.png are both frame 'f'", "rename one")),
+    (_link_loop, ("symbolic link", "Too many levels", "point it at")),
+    (_dangling_link, ("symbolic link", "No such file", "point it at")),
+])
+def test_sources_refused_up_front(export_dir, tmp_path, make, needles):
+    source = make(tmp_path)
+    out = tmp_path / "o"
+    one_line_error(tbn_run(str(source), "--out", str(out), "--model", export_dir), *needles)
+    assert not out.exists()  # refused before any label

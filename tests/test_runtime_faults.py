@@ -53,6 +53,11 @@ def _palette(m):
     (_set("precision", "int4"), "field 'precision'"),
     (_set("std", [58.4, 0, 57.4]), "field 'std'"),
     (_files, "plain names"),
+    # valid values, but not the graphs': the content hash binds them to what was exported
+    (lambda m: m.update(temporal_offsets=[1, 2, 3], ring_size=4), "changed after export"),
+    (_set("height", 128), "changed after export"),
+    (_set("max_batch", 4), "changed after export"),
+    (lambda m: m.pop("content_sha256"), "carries no content hash"),
 ])
 def test_a_bad_manifest_is_one_line_naming_the_field(export_dir, video, tmp_path, edit, needle):
     bad = tmp_path / "export"
@@ -121,11 +126,11 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(export_dir, video, tmp_path):
 def test_temporaries_of_killed_runs_are_swept_and_live_ones_kept(export_dir, video, tmp_path):
     out = tmp_path / "o"
     (out / "cam").mkdir(parents=True)
-    dead = out / "cam" / f".00000003.png.tmp-{dead_pid()}"
+    dead = out / "cam" / f".tbn-00000003.png.tmp-{dead_pid()}-0123abcd"
     dead.write_bytes(b"half a png")
-    live = out / "cam" / f".00000004.png.tmp-{os.getpid()}"   # this test process is alive
+    live = out / "cam" / f".tbn-00000004.png.tmp-{os.getpid()}-0123abcd"  # this process lives
     live.write_bytes(b"being written")
-    ovl = tmp_path / f".ov.mp4.tmp-{dead_pid()}.mp4"
+    ovl = tmp_path / f".tbn-ov.mp4.tmp-{dead_pid()}-0123abcd.mp4"
     ovl.write_bytes(b"half a video")
     r = tbn_run(video, "--out", str(out), "--model", export_dir, "--overlay",
                 str(tmp_path / "ov.mp4"))
@@ -170,3 +175,26 @@ def test_sigterm_stops_cleanly_and_resume_finishes_identically(export_dir, tmp_p
         name = f"{i:08d}.png"
         assert np.array_equal(read_label_png(out / "long" / name),
                               read_label_png(full / "long" / name)), name
+
+
+# -- a full disk is said as such, naming the file, and nothing half-written is kept --------------
+# RLIMIT_FSIZE makes every write past the limit short (EFBIG), as a full disk does: a real
+# short write through numpy, Pillow and OpenCV's encoder, without root or a tmpfs.
+@pytest.mark.parametrize("flags, limit, needles", [
+    (["--format", "npy"], 2048, ("00000000.npy", "the disk is full")),
+    (["--overlay", "OV"], 4000, ("ov.mp4", "not written whole", "disk full")),
+])
+def test_a_full_disk_is_named_and_leaves_nothing_half_written(export_dir, tmp_path, flags,
+                                                              limit, needles):
+    big = write_video(str(tmp_path / "big.mp4"), synthetic_frames(8, 96, 128, seed=6))
+    out = tmp_path / "o"
+    flags = [str(tmp_path / "ov.mp4") if f == "OV" else f for f in flags]
+    line = one_line_error(tbn_run(big, "--out", str(out), "--model", export_dir, "--backend",
+                                   "ort", *flags, fsize=limit), *needles)
+    assert "requested and" not in line or "disk is full" in line
+    assert not (tmp_path / "ov.mp4").exists()
+    left = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert not [f for f in left if ".tmp-" in f], left  # no temporary left
+    for f in left:
+        if f.endswith(".npy"):
+            assert np.load(f).shape == (96, 128)  # what was written is whole

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -79,30 +80,59 @@ def test_degraded_frames_have_clean_past() -> None:
         assert all(b - a >= 7 for a, b in zip(starts, starts[1:]))
 
 
-def test_cli_refuses_non_empty_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "out"
+ARGS = ["--height", "32", "--width", "48", "--frames", "3", "--videos-train", "1",
+        "--videos-val", "1", "--videos-test", "0"]
+
+
+def _notes(out: Path) -> None:
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    args = ["--out", str(out), "--height", "32", "--width", "48", "--frames", "3",
-            "--videos-train", "1", "--videos-val", "1", "--videos-test", "0"]
-    assert main(args) == 2
+
+
+def _dataset_and_notes(out: Path) -> None:
+    assert main(["--out", str(out), *ARGS]) == 0
+    (out / "keep.txt").write_text("mine")
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+@pytest.mark.parametrize("make", [_notes, _dataset_and_notes])
+def test_cli_never_replaces_what_it_did_not_write(tmp_path: Path, capsys, flags, make) -> None:
+    """--overwrite replaces a dataset tbn-synth wrote; a folder with anything else in it
+    (the user's files, alone or beside a dataset) is refused in one line naming them."""
+    out = tmp_path / "out"
+    make(out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(["--out", str(out), *ARGS, "--seed", "3", *flags]) == 2
     err = capsys.readouterr().err
-    assert str(out) in err and "--overwrite" in err and err.count("\n") == 1
-    assert (out / "keep.txt").exists()
-    assert main(args + ["--overwrite"]) == 0
+    assert str(out) in err and "keep.txt" in err and "did not write" in err, err
+    assert err.count("\n") == 1
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (out / "keep.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary left beside it
+
+
+def test_cli_replaces_its_own_dataset_with_overwrite(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    (tmp_path / "out.tmp").mkdir()  # someone's folder that merely looks like a temporary
+    (tmp_path / "out.tmp" / "x").write_text("theirs")
+    assert main(["--out", str(out), *ARGS]) == 0
     line = capsys.readouterr().out
     assert line.count("\n") == 1 and "2 videos (6 frames)" in line and "MB" in line
-    assert not (out / "keep.txt").exists() and (out / "train.txt").exists()
-    assert not (tmp_path / "out.tmp").exists()
     # the same dataset again (make demo, then the README's tbn-synth): nothing to do, untouched
     stamp = (out / "synth.json").stat().st_mtime_ns
-    assert main(args) == 0
+    assert main(["--out", str(out), *ARGS]) == 0
     assert "nothing to do" in capsys.readouterr().err
     assert (out / "synth.json").stat().st_mtime_ns == stamp
-    # other options: refused, and the dataset left as it is
-    assert main(args[:-6] + ["--videos-train", "2", "--videos-val", "1", "--videos-test", "0"]) == 2
+    # other options: refused, and the dataset left as it is; with --overwrite, replaced whole
+    other = ARGS[:-6] + ["--videos-train", "2", "--videos-val", "1", "--videos-test", "0"]
+    assert main(["--out", str(out), *other]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "synth.json").stat().st_mtime_ns == stamp
+    assert main(["--out", str(out), *other, "--overwrite"]) == 0
+    assert (out / "train.txt").read_text().split() == ["train_000", "train_001"]
+    assert sorted(os.listdir(tmp_path)) == ["out", "out.tmp"]
+    assert (tmp_path / "out.tmp" / "x").read_text() == "theirs"
 
 
 def test_cli_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,8 @@ import hashlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from PIL import Image
 
 from tbn_runtime.classes import PALETTE
+from tbn_runtime.files import FolderLock
 from tbn_train import train
 from tbn_train.checkpoint import read_metadata
 from tbn_train.data.vspw import index_split
@@ -104,6 +107,7 @@ class Fault:
     break_run: Optional[Callable[[Path], None]] = None
     break_data: Optional[Callable[[Path], Tuple[Path, int]]] = None  # -> file, step saved
     absent: Tuple[str, ...] = ("Traceback", "weights_only")
+    held: bool = False                 # OUT is locked by another run the whole time
 
 
 FAULTS = [
@@ -136,12 +140,19 @@ FAULTS = [
                                                        "--eval-interval", "2"), 2,
           ("{file}", "cannot read the mask", "step 2/4 is saved", "--resume"),
           break_data=_corrupt_val_mask),
+    Fault("another tbn-train holds OUT", RUN, 2,
+          ("in use by", f"pid {os.getpid()}", "tbn-train --other", "another output folder"),
+          held=True),
+    Fault("another tbn-train holds a finished OUT", RUN, 2, ("in use by",), from_run=True,
+          held=True),
+    Fault("--data is a file", ("--data", __file__, *RUN), 2,
+          (__file__, "is a file, not a folder", "dataset root")),
 ]
 
 
 def _contents(root: Path) -> Dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != FolderLock.NAME}
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.id for f in FAULTS])
@@ -158,7 +169,12 @@ def test_fault(fault, synth_root, finished_run, tmp_path, capsys):
     before = _contents(out) if out.exists() else {}
     capsys.readouterr()
 
-    code = train.main(train_args(data, out, *fault.extra))
+    if fault.held:
+        with FolderLock(str(out), "tbn-train --other"):
+            before = _contents(out)
+            code = train.main(train_args(data, out, *fault.extra))
+    else:
+        code = train.main(train_args(data, out, *fault.extra))
 
     err = capsys.readouterr().err
     errors = [x for x in err.splitlines() if x.startswith("tbn-train: error: ")]
@@ -177,6 +193,50 @@ def test_fault(fault, synth_root, finished_run, tmp_path, capsys):
         assert read_metadata(str(out / "stage1" / "last.safetensors"))["extra"]["step"] == \
             saved_step
         assert logged_steps(out) == list(range(1, saved_step + 1))
+
+
+# -- I/O faults, real ones: RLIMIT_FSIZE makes writes past the limit fail (EFBIG), as a full disk
+# does, for safetensors' writer and for the shared memory a DataLoader worker hands batches in
+@dataclass
+class IOFault:
+    id: str
+    extra: Tuple[str, ...]
+    fsize: int                       # bytes a file of the training process may grow to
+    code: int
+    words: Tuple[str, ...]
+
+
+IO_FAULTS = [
+    IOFault("full disk at the first checkpoint", ("--iters", "2", "--batch-size", "2"),
+            200_000, 1, ("stage1/best.safetensors: the disk is full", "saved before in",
+                         "--resume")),
+    IOFault("worker's shared memory refused", ("--iters", "2", "--batch-size", "2",
+                                               "--workers", "1"),
+            200_000, 2, ("DataLoader worker failed", "/dev/shm", "--workers 0",
+                         "nothing to save")),
+]
+
+
+@pytest.mark.parametrize("fault", IO_FAULTS, ids=[f.id for f in IO_FAULTS])
+def test_io_fault(fault, synth_root, tmp_path):
+    out = tmp_path / "run"
+
+    def limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fault.fsize, fault.fsize))
+
+    r = subprocess.run([sys.executable, "-m", "tbn_train.train",
+                        *train_args(synth_root, out, *fault.extra)], capture_output=True,
+                       text=True, timeout=600, preexec_fn=limit)
+    errors = [x for x in r.stderr.splitlines() if x.startswith("tbn-train: error: ")]
+    assert r.returncode == fault.code and len(errors) == 1, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    for word in fault.words:
+        assert word in errors[0], errors[0]
+    left = [p.name for p in out.rglob("*")]
+    assert not [n for n in left if ".tmp-" in n], left  # no half-written temporary
+    assert not (out / "stage1" / "last.safetensors").exists()  # nothing half-saved in place
+    assert not (out / FolderLock.NAME).exists()  # the run's lock went with it
 
 
 def test_resume_may_extend_the_schedule(finished_run, synth_root, tmp_path, capsys):

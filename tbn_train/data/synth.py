@@ -29,6 +29,8 @@ from PIL import Image
 from tbn_runtime.classes import PALETTE, VSPW_CLASSES
 from tbn_runtime.console import (OneLineParser, add_verbosity_flags, run_command,
                                  setup_logging)
+from tbn_runtime.files import (backup_name, disk_full, disk_full_error, make_temporary_dir,
+                               sweep_stale, unmark_temporary_dir)
 
 # the scenes live in .scenes; these names stay importable from here (tests, tbn-export --verify)
 from .scenes import (BACKGROUNDS, DEGRADATIONS, OBJECTS, degradation_schedule,  # noqa: F401
@@ -36,8 +38,12 @@ from .scenes import (BACKGROUNDS, DEGRADATIONS, OBJECTS, degradation_schedule,  
 
 log = logging.getLogger("tbn_train.data.synth")  # not __main__ under python -m
 
+#: what tbn-synth writes in --out (--overwrite replaces a folder of these and nothing else)
+OWN_ENTRIES = ("train.txt", "val.txt", "test.txt", "data", "videos", "synth.json")
 JPEG_QUALITY = 80
 FPS = 15
+
+
 @dataclass(frozen=True)
 class SynthSummary:
     """What `generate` wrote (or found: `existing`, the same dataset already in place)."""
@@ -79,10 +85,11 @@ def generate(out: "str | Path", seed: int = 0, height: int = 160, width: int = 2
              frames: int = 40, classes: int = 5, overwrite: bool = False) -> SynthSummary:
     """Write the dataset to `out` (see the module docstring) and return a summary.
 
-    The tree is built in `<out>.tmp` and renamed into place at the end. Raises
-    FileExistsError if `out` is not an empty folder and `overwrite` is false, ValueError for
-    bad options. A little over 60 lines: the steps (check, write the tree, describe it, rename)
-    share the temporary folder and its clean-up.
+    The tree is built in a hidden temporary folder beside `out` and renamed into place at the
+    end. Raises FileExistsError if `out` holds anything tbn-synth did not write (also with
+    `overwrite`: it replaces only a dataset of its own), or another dataset without
+    `overwrite`; ValueError for bad options. Over 60 lines: the steps (check, write the tree,
+    describe it, rename) share the temporary folder and its clean-up.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -94,22 +101,32 @@ def generate(out: "str | Path", seed: int = 0, height: int = 160, width: int = 2
     counts = {"train": videos_train, "val": videos_val, "test": videos_test}
     options = {"seed": seed, "height": height, "width": width, "frames": frames,
                "videos": counts, "object_classes": [o[0] for o in OBJECTS[:classes]]}
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a folder for the dataset")
+    if out.is_dir() and any(out.iterdir()):
         # synth.json is written last and the tree renamed into place whole: if it says these
         # options, the dataset is this one (the same options write the same bytes)
         try:
             found = json.loads((out / "synth.json").read_text())
         except (OSError, ValueError):
             found = None
-        if isinstance(found, dict) and {k: found.get(k) for k in options} == options:
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_ENTRIES) \
+            if isinstance(found, dict) else sorted(p.name for p in out.iterdir())
+        if foreign:  # --overwrite replaces a dataset tbn-synth wrote, and nothing else
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more"
+                                              if len(foreign) > 3 else "")
+            raise FileExistsError(f"{out} holds files tbn-synth did not write ({shown}); it "
+                                  f"replaces only a dataset of its own: choose another --out")
+        if not overwrite and {k: found.get(k) for k in options} == options:
             return SynthSummary(out, sum(counts.values()), frames * sum(counts.values()), 0,
                                 time.perf_counter() - t0, existing=True)
-        raise FileExistsError(f"{out} exists and holds something else than this dataset; pass "
-                              f"--overwrite to replace it")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "videos").mkdir(parents=True)
+        if not overwrite:
+            raise FileExistsError(f"{out} holds another tbn-synth dataset (other options); "
+                                  f"pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(str(out.parent))
+    tmp = Path(make_temporary_dir(str(out)))
+    (tmp / "videos").mkdir()
     n_frames = 0
     try:
         for s, (split, n) in enumerate(counts.items()):
@@ -130,11 +147,18 @@ def generate(out: "str | Path", seed: int = 0, height: int = 160, width: int = 2
         used = sorted(raw_id(n) for n in BACKGROUNDS + tuple(o[0] for o in OBJECTS[:classes]))
         meta = {**options, "raw_ids": {str(r): VSPW_CLASSES[r - 1] for r in used}}
         (tmp / "synth.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        unmark_temporary_dir(str(tmp))
+        old = None
+        if out.exists():  # a dataset of ours (checked above): moved aside, then removed
+            old = Path(backup_name(str(out)))
+            out.rename(old)
         tmp.rename(out)
-    except BaseException:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):
+            raise disk_full_error(str(out), e) from None
         raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return SynthSummary(out, sum(counts.values()), n_frames, size, time.perf_counter() - t0)
@@ -157,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("--classes", 5, f"moving-object classes, 1..{len(OBJECTS)}: "
                              f"{', '.join(o[0] for o in OBJECTS)} (in that order)")):
         p.add_argument(flag, type=int, default=default, help=f"{note} (default: {default})")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset tbn-synth wrote in --out (never other files)")
     add_verbosity_flags(p)
     return p
 

@@ -56,6 +56,18 @@ class Video:
         return len(self.frames)
 
 
+def check_data_root(root: PathLike) -> None:
+    """DatasetError unless `root` (--data) is a folder: missing, or a file, each said so."""
+    root = Path(root)
+    if root.is_dir():
+        return
+    if root.exists():
+        raise DatasetError(f"--data {root} is a file, not a folder: pass the dataset root (the "
+                           f"folder that holds train.txt, val.txt and data/)")
+    raise DatasetError(f"data root {root} not found; pass --data ROOT (a VSPW folder), or "
+                       f"make demo data with: tbn-synth --out data/synth")
+
+
 def index_split(root: PathLike, split: str, with_masks: bool = True) -> List[Video]:
     """List the videos of `split` under `root`, checking that the files exist.
 
@@ -63,19 +75,16 @@ def index_split(root: PathLike, split: str, with_masks: bool = True) -> List[Vid
     (with `with_masks`) a frame without its mask.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"VSPW root {root} does not exist; pass the folder that holds "
-                           f"train.txt/val.txt/test.txt and data/ (or create one with tbn-synth "
-                           f"--out {root})")
+    check_data_root(root)
     split_file = root / f"{split}.txt"
     if not split_file.is_file():
         raise DatasetError(f"{split_file} is missing; a VSPW root lists the video folders of "
                            f"split '{split}' in it, one per line")
     try:
         names = [line.strip() for line in split_file.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{split_file} is not UTF-8 text ({e.reason} at byte {e.start}); a "
-                           f"split list names one video folder per line") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{split_file}: cannot read the split list ({e}); it lists video "
+                           f"folder names, one per line, in UTF-8") from None
     videos = []
     for line, name in enumerate(names, 1):
         if not name:
@@ -94,8 +103,8 @@ def index_split(root: PathLike, split: str, with_masks: bool = True) -> List[Vid
             masks = [root / "data" / name / "mask" / (f.stem + ".png") for f in frames]
             for frame, mask in zip(frames, masks):
                 if not mask.is_file():
-                    raise DatasetError(f"{mask} is missing (the mask of {frame}); add it, or "
-                                       f"index split '{split}' with with_masks=False")
+                    raise DatasetError(f"{mask} is missing (the mask of {frame}); add it, "
+                                       f"or remove video '{name}' from {split_file}")
         videos.append(Video(name=name, frames=frames, masks=masks))
     return videos
 
