@@ -37,14 +37,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.modules.setdefault("gpu_rows", sys.modules[__name__])  # one Stopped class for gpu_parts too
+sys.modules.setdefault("gpu_rows", sys.modules[__name__])  # gpu_parts shares this Part class
 import common  # noqa: E402
+from paths import NaivePath  # noqa: E402
+
+from tbn_runtime.errors import Stopped  # noqa: E402  (SIGTERM or the budget: keep what ran)
 
 PARTS = ("rows", "compile", "streams", "e2e", "train")
-
-
-class Stopped(BaseException):
-    """SIGTERM or the budget: stop, keep what was measured."""
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001
@@ -143,33 +142,13 @@ def row_specs(device: str, compile_rows: bool = False) -> List[Dict[str, Any]]:
     return [r for r in naive + ring if cuda or not r.get("cuda_only")]
 
 
-class _Naive:
-    def __init__(self, model: Any, device: str, precision: str) -> None:
-        from tbn_train.reference import ClipReference
-        self.ref = ClipReference(model, device, precision == "fp16", precision == "bf16")
-        self.capture_failures: Dict[int, str] = {}
-
-    def describe(self) -> str:
-        amp = {False: "", True: f", {'fp16' if self.ref.fp16 else 'bf16'} autocast"}[
-            self.ref.fp16 or self.ref.bf16]
-        return f"model(clip) eager{amp}: the backbone on 4 frames per frame"
-
-    def reset(self) -> None:
-        self.ref.reset()
-
-    def infer(self, frame: np.ndarray) -> np.ndarray:
-        return self.ref.labels(frame)
-
-    def close(self) -> None:
-        self.ref = None
-
-
 def make_path(part: Part, spec: Dict[str, Any]) -> Any:
     from tbn_train.torch_backend import TorchBackend
     model = part.model()
     part.tf32(bool(spec.get("tf32", False)))
     if spec.get("naive"):
-        return _Naive(model, part.args.device, spec["precision"])
+        return NaivePath(None, part.args.device, spec["precision"] == "fp16",
+                         spec["precision"] == "bf16", model=model)
     h, w = part.args.size
     return TorchBackend.from_model(model, h, w, part.args.device, precision=spec["precision"],
                                    tf32=bool(spec.get("tf32", True)),

@@ -139,14 +139,17 @@ class NaivePath:
     """model(clip) per frame: the backbone over all 4 frames of the clip (the naive pipeline),
     through the clip-inference reference (tbn_train.reference.ClipReference)."""
 
-    def __init__(self, checkpoint: str, device: str, fp16: bool):
+    def __init__(self, checkpoint: Optional[str], device: str, fp16: bool, bf16: bool = False,
+                 model: Any = None):
         from tbn_train.checkpoint import load_model
         from tbn_train.reference import ClipReference
-        self.ref = ClipReference(load_model(checkpoint)[0], device, fp16)
+        model = load_model(checkpoint)[0] if model is None else model
+        self.ref = ClipReference(model, device, fp16, bf16)
+        self.capture_failures: Dict[int, str] = {}  # none: eager (gpu_check reads it per row)
 
     def describe(self) -> str:
         import torch
-        amp = ", fp16 autocast" if self.ref.fp16 else ""
+        amp = ", fp16 autocast" if self.ref.fp16 else ", bf16 autocast" if self.ref.bf16 else ""
         return f"torch {torch.__version__} on {self.ref.device} (eager{amp}, model(clip))"
 
     def reset(self) -> None:

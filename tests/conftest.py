@@ -23,3 +23,15 @@ def _openvino_cache(tmp_path_factory):
         os.environ.pop("TBN_OPENVINO_CACHE", None)
     else:
         os.environ["TBN_OPENVINO_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def _default_sigchld():
+    """torch's DataLoader leaves its SIGCHLD handler installed in the process after a training
+    test; a later test that runs OpenVINO and then a subprocess then dies of SIGSEGV when that
+    child exits (seen: test_ablation, then test_benchmarks' latency rows). Each test starts with
+    the default disposition, as a fresh command would."""
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    yield
