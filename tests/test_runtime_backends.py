@@ -45,6 +45,7 @@ def test_backend_equals_clip_inference(export_dir, name):
         # and once more the first video: nothing of b leaks into a
         assert min(_agreement(backend, a, ref_a)) >= 0.999
         assert backend.timings["feature"] > 0 and backend.timings["temporal"] > 0
+        assert backend.frames == 2 * len(a) + len(b)  # the frames those seconds are over
 
 
 def test_push_rebuilds_ring_like_infer(export_dir):
@@ -59,6 +60,7 @@ def test_push_rebuilds_ring_like_infer(export_dir):
         for f in frames[:7]:
             resumed.push(f)
         got = [resumed.infer(f) for f in frames[7:]]
+        assert resumed.frames == len(frames) - 7  # pushed frames are not labelled frames
         for e, g in zip(expect[7:], got):
             np.testing.assert_array_equal(e, g)
 

@@ -67,6 +67,8 @@ class Backend:
         self.batch_limit = self.streams
         self.height, self.width = int(manifest.height), int(manifest.width)
         self.timings: Dict[str, float] = {"feature": 0.0, "temporal": 0.0, "push": 0.0}
+        #: frames labelled (the ones `timings["feature"]` and `["temporal"]` are summed over)
+        self.frames = 0
         self.rings: List[FeatureRing[Any]] = []
         self.clock: Any = HostClock()
 
@@ -162,6 +164,7 @@ class Backend:
             self.timings["temporal"] += self.clock.seconds(1, 2)
             for k, j in enumerate(want):
                 out[idx[j]] = labels[k]
+            self.frames += len(want)
         return out
 
     def push(self, frame: np.ndarray, stream: int = 0) -> None:
