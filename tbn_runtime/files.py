@@ -42,7 +42,8 @@ def inside(root: str, name: str, what: str) -> str:
 
     Refused with UnsafePathError (the message starts with `what`, e.g. "val.txt line 2"): an
     empty name, a NUL byte, an absolute path, a '..' component, or a path that resolves outside
-    `root` once symlinks are followed (a symlinked entry pointing elsewhere). `root` itself may
+    `root` once symlinks are followed (a symlinked entry pointing elsewhere), or a symlink whose
+    target does not exist (the message names the target). `root` itself may
     be a symlink: containment is checked between the resolved paths. Returns the joined path as
     the user would write it (not the resolved one), so messages stay readable.
     """
@@ -65,6 +66,9 @@ def inside(root: str, name: str, what: str) -> str:
     if os.path.commonpath([real_root, real]) != real_root:
         raise refuse(f"leads outside {root} (a symbolic link to {real}); copy it inside, or "
                      f"pass it as a source of its own")
+    if os.path.islink(path) and not os.path.exists(path):  # said now, naming what it misses
+        raise refuse(f"is a symbolic link to {os.readlink(path)!r}, which does not exist; fix "
+                     f"or remove the link")
     return path
 
 

@@ -101,6 +101,17 @@ def test_a_symlinked_image_leading_outside_is_refused(tmp_path):
         open_source(str(folder))
 
 
+def test_a_dangling_link_is_refused_naming_its_target(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    (folder / "b.png").symlink_to(folder / "moved-away.png")
+    with pytest.raises(UnsafePathError, match="moved-away.png.*does not exist"):
+        inside(str(folder), "b.png", "x")
+    with pytest.raises(SourceError, match="'b.png' is a symbolic link to .*moved-away.png"):
+        open_source(str(folder))
+
+
 def test_the_training_reader_refuses_a_hostile_split_list(root):
     from tbn_train.data.vspw import index_split
     from tbn_train.errors import DatasetError
