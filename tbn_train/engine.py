@@ -182,6 +182,12 @@ def evaluate_and_save(st: Stage, cfg: TrainConfig, info: DistInfo, stop: StopReq
                                      progress=progress, should_stop=lambda: stop.requested)
         except DatasetError as e:
             summary, error = None, e
+        except (RuntimeError, OSError) as e:
+            # torch's SIGCHLD handler raises a training worker's death wherever the main process
+            # is, here in evaluation (the loader keeps its workers prefetching meanwhile)
+            if not worker_died(e):
+                raise
+            summary, error = None, LoaderDied(e)
         st.model.train()
         if summary is not None:
             record_eval(st, cfg, summary, writer)

@@ -195,6 +195,29 @@ def test_fault(fault, synth_root, finished_run, tmp_path, capsys):
         assert logged_steps(out) == list(range(1, saved_step + 1))
 
 
+def test_worker_death_during_evaluation(synth_root, tmp_path, capsys, monkeypatch):
+    """A training worker that dies while rank 0 evaluates (torch raises it from its SIGCHLD
+    handler, inside evaluation) gives the loader's one line, after last.* is saved."""
+    from tbn_train import engine
+
+    def worker_killed(*args, **kwargs):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Bus error. It is "
+                           "possible that dataloader's workers are out of shared memory.")
+
+    monkeypatch.setattr(engine, "evaluate_model", worker_killed)
+    out = tmp_path / "run"
+    code = train.main(train_args(synth_root, out, "--iters", "4", "--batch-size", "2",
+                                 "--eval-interval", "2"))
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if x.startswith("tbn-train: error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    for word in ("DataLoader worker failed", "Bus error", "/dev/shm", "step 2/4 is saved",
+                 "--resume"):
+        assert word in errors[0], errors[0]
+    state = torch.load(out / "stage1" / "last.state.pt", weights_only=True)
+    assert state["step"] == 2 and logged_steps(out) == [1, 2]
+
+
 # -- I/O faults, real ones: RLIMIT_FSIZE makes writes past the limit fail (EFBIG), as a full disk
 # does, for safetensors' writer and for the shared memory a DataLoader worker hands batches in
 @dataclass
