@@ -163,20 +163,15 @@ def resolve(args: argparse.Namespace, tmp: str) -> Tuple[Any, Dict[str, Any], Li
     if want and sha256_file(ckpt) != want:
         print(f"accuracy.py: warning: {ckpt} is not the checkpoint {dirs[0]} was exported from "
               f"(sha256 differs); the comparison measures that difference too", file=sys.stderr)
-    if not args.no_fp16 and not any(m.precision == "fp16" for m in manifests):
-        from tbn_export.onnx_export import export_onnx
-        out = os.path.join(tmp, "export-fp16")
-        print(f"accuracy.py: no fp16 export given; exporting one into {out} ...",
-              file=sys.stderr, flush=True)
-        export_onnx(model, out, first.height, first.width, fp16=True, checkpoint_path=ckpt)
-        dirs.append(out)
-    if not args.no_bf16 and not any(m.precision == "bf16" for m in manifests):
-        from tbn_export.onnx_export import export_onnx
-        out = os.path.join(tmp, "export-bf16")
-        print(f"accuracy.py: no bf16 export given; exporting one into {out} ...",
-              file=sys.stderr, flush=True)
-        export_onnx(model, out, first.height, first.width, bf16=True, checkpoint_path=ckpt)
-        dirs.append(out)
+    for precision, skip in (("fp16", args.no_fp16), ("bf16", args.no_bf16)):
+        if not skip and not any(m.precision == precision for m in manifests):
+            from tbn_export.onnx_export import export_onnx
+            out = os.path.join(tmp, f"export-{precision}")
+            print(f"accuracy.py: no {precision} export given; exporting one into {out} ...",
+                  file=sys.stderr, flush=True)
+            export_onnx(model, out, first.height, first.width, fp16=precision == "fp16",
+                        bf16=precision == "bf16", checkpoint_path=ckpt)
+            dirs.append(out)
     args.int8_skipped = None
     if not args.no_int8 and not any(m.precision == "int8" for m in manifests):
         out, args.int8_skipped = int8_export(args, model, ckpt, first.height, first.width, tmp)

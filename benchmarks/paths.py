@@ -237,22 +237,15 @@ def build_path(row: str, src: Source, device: str, time_left: Optional[float] = 
         manifest = dataclasses.replace(src.manifest, precision="fp16" if fp16 else "fp32",
                                        checkpoint=ckpt)
         return BackendPath("torch", src.tmp, manifest, device)
-    if row.startswith("ort"):
-        from tbn_runtime.backends import backend_class
-        ok, reason = backend_class("ort").available(device)
-        if not ok:
-            raise Skip(reason)
-        d = src.export_dir(row_precision(row), device)
-        from tbn_runtime.manifest import load_manifest
-        return BackendPath("ort", d, load_manifest(d), device)
-    if row.startswith("openvino"):
-        from tbn_runtime.backends import backend_class
-        ok, reason = backend_class("openvino").available(device)
-        if not ok:
-            raise Skip(reason)
-        d = src.export_dir(row_precision(row), device)
-        from tbn_runtime.manifest import load_manifest
-        return BackendPath("openvino", d, load_manifest(d), device)
+    for name in ("ort", "openvino"):  # the export's own graphs, as tbn-run runs them
+        if row.startswith(name):
+            from tbn_runtime.backends import backend_class
+            ok, reason = backend_class(name).available(device)
+            if not ok:
+                raise Skip(reason)
+            d = src.export_dir(row_precision(row), device)
+            from tbn_runtime.manifest import load_manifest
+            return BackendPath(name, d, load_manifest(d), device)
     if row.startswith("trt"):
         try:
             import tensorrt  # noqa: F401

@@ -1,4 +1,6 @@
-"""Helpers of the export tests: what an ONNX graph takes, gives and computes in."""
+"""Helpers of the export tests: what an ONNX graph takes, gives and computes in; the module
+fixtures `tiny` (a random-init tbn_tiny, BatchNorm statistics randomised) and `checkpoint` (it,
+saved as tbn-train would, for TINY_H x TINY_W)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,27 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import onnx
+import pytest
+
+TINY_H, TINY_W = 64, 96
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import torch
+    from tbn_train.models import build_model, randomize_batchnorm
+
+    torch.manual_seed(0)
+    return randomize_batchnorm(build_model("tbn_tiny"), seed=1).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tmp_path_factory):
+    from tbn_train.checkpoint import save_checkpoint
+
+    path = str(tmp_path_factory.mktemp("ckpt") / "best.safetensors")
+    save_checkpoint(path, tiny, config={"model": "tbn_tiny", "crop_size": [TINY_H, TINY_W]})
+    return path
 
 
 def node_dtypes(model: onnx.ModelProto) -> dict:

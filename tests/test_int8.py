@@ -17,6 +17,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from export_helpers import TINY_H, TINY_W, checkpoint, tiny  # noqa: F401 (fixtures)
 from runtime_helpers import decode, synthetic_frames, tbn_run, write_video
 from tbn_export import int8
 from tbn_export.cli import main
@@ -26,28 +27,13 @@ from tbn_export.verify import (FEATURE_REL_TOL, LABEL_AGREEMENT, compare, onnx_c
 from tbn_runtime.files import sha256_file
 from tbn_runtime.manifest import load_manifest
 from tbn_runtime.masks import read_label_png
-from tbn_train.checkpoint import save_checkpoint
-from tbn_train.models import build_model, randomize_batchnorm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import accuracy  # noqa: E402
 import latency  # noqa: E402
 
-H, W = 64, 96
+H, W = TINY_H, TINY_W
 CALIB_FRAMES = 6
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return randomize_batchnorm(build_model("tbn_tiny"), seed=1).eval()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("ckpt") / "best.safetensors")
-    save_checkpoint(path, tiny, config={"model": "tbn_tiny", "crop_size": [H, W]})
-    return path
 
 
 @pytest.fixture(scope="module")

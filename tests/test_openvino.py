@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
+from export_helpers import TINY_H, TINY_W, checkpoint, tiny  # noqa: F401 (fixtures)
 from runtime_helpers import one_line_error, synthetic_frames, tbn_run, write_video
 from tbn_export.cli import main
 from tbn_export.onnx_export import export_onnx
@@ -21,27 +21,12 @@ from tbn_runtime.backends import BackendError, backend_class, select_backend
 from tbn_runtime.cpu import has_vnni
 from tbn_runtime.manifest import load_manifest
 from tbn_runtime.temporal import FeatureRing
-from tbn_train.checkpoint import save_checkpoint
-from tbn_train.models import build_model, randomize_batchnorm
 
 ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (tbn-vit[openvino])")
 from tbn_runtime.backends.openvino import OpenVinoBackend, native_bf16  # noqa: E402
 
-H, W = 64, 96
+H, W = TINY_H, TINY_W
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return randomize_batchnorm(build_model("tbn_tiny"), seed=1).eval()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("ckpt") / "best.safetensors")
-    save_checkpoint(path, tiny, config={"model": "tbn_tiny", "crop_size": [H, W]})
-    return path
 
 
 @pytest.fixture(scope="module")
