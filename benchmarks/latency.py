@@ -12,6 +12,8 @@ Rows (choose with --only; default: every row that can run here):
   ring        PyTorch with the feature ring (the runtime's torch backend: features once per frame;
               CUDA graphs on CUDA)
   ring-fp16   the same with fp16 weights (--device cuda)
+  ring-bf16   the same with bf16 weights, the temporal half fp32 (CUDA, or CPUs with AMX /
+              AVX512-BF16: elsewhere the torch backend runs a bf16 export in fp32)
   ort         ONNX Runtime, fp32 export, through the runtime's ort backend (IOBinding ring)
   ort-fp16    ONNX Runtime, fp16 export
   ort-int8    ONNX Runtime, INT8 export (Q/DQ feature graph, fp32 temporal graph); made on the
@@ -67,13 +69,14 @@ from paths import BenchError, Source, make_source  # noqa: E402
 
 from tbn_runtime.errors import Stopped  # noqa: E402  (SIGTERM: report what was measured)
 
-ROWS = ("naive", "naive-fp16", "ring", "ring-fp16", "ort", "ort-fp16", "ort-int8", "openvino",
-        "openvino-bf16", "openvino-int8", "trt", "trt-fp32", "tbn-run")
+ROWS = ("naive", "naive-fp16", "ring", "ring-fp16", "ring-bf16", "ort", "ort-fp16", "ort-int8",
+        "openvino", "openvino-bf16", "openvino-int8", "trt", "trt-fp32", "tbn-run")
 LABELS = {
     "naive": "PyTorch naive (backbone x4)",
     "naive-fp16": "PyTorch naive fp16 (backbone x4)",
     "ring": "PyTorch ring",
     "ring-fp16": "PyTorch ring fp16",
+    "ring-bf16": "PyTorch ring bf16",
     "ort": "ONNX Runtime fp32",
     "ort-fp16": "ONNX Runtime fp16",
     "ort-int8": "ONNX Runtime int8",

@@ -220,6 +220,11 @@ def build_path(row: str, src: Source, device: str, time_left: Optional[float] = 
     fp16 = row_precision(row) == "fp16"
     if row in ("naive-fp16", "ring-fp16") and device != "cuda":
         raise Skip("fp16 autocast rows are for --device cuda")
+    if row == "ring-bf16" and device == "cpu":
+        from tbn_runtime.cpu import cpu_flags, has_native_bf16
+        if cpu_flags() and not has_native_bf16():
+            raise Skip("this CPU has no native bf16 (no AMX / AVX512-BF16): the torch backend "
+                       "runs a bf16 export in fp32 here, the ring row")
     if row.startswith("naive") or row.startswith("ring"):
         try:
             import torch  # noqa: F401
@@ -234,8 +239,9 @@ def build_path(row: str, src: Source, device: str, time_left: Optional[float] = 
     if row.startswith("ring"):
         ckpt = {"path": os.path.abspath(src.checkpoint),
                 "sha256": (src.manifest.checkpoint or {}).get("sha256")}
-        manifest = dataclasses.replace(src.manifest, precision="fp16" if fp16 else "fp32",
-                                       checkpoint=ckpt)
+        # the weights in the row's precision (bf16 also on the CPU: AMX where present)
+        precision = row_precision(row) if row_precision(row) in ("fp16", "bf16") else "fp32"
+        manifest = dataclasses.replace(src.manifest, precision=precision, checkpoint=ckpt)
         return BackendPath("torch", src.tmp, manifest, device)
     for name in ("ort", "openvino"):  # the export's own graphs, as tbn-run runs them
         if row.startswith(name):

@@ -8,10 +8,13 @@ so a copied export runs anywhere; exports made before that name the checkpoint b
 
 An engine rather than the training model run in eval mode:
 - weights stored in the run precision: fp32, fp16 (LayerNorm, BatchNorm and Softmax computed in
-  fp32, as in the fp16 ONNX graph: Swin's LayerNorm overflows in fp16) or bf16, on the CPU too
+  fp32, as in the fp16 ONNX graph: Swin's LayerNorm overflows in fp16) or bf16 (the feature
+  half; the temporal half in fp32, as the bf16 export's compute_precision says), on the CPU too
   (AMX / AVX512-BF16 through oneDNN); no autocast re-casting the weights at every call. The run
   precision is the manifest's ("bf16" exports run in bf16) unless `precision=` says otherwise;
-  an fp16 export on the CPU runs fp32 and an int8 export runs its fp32 weights (said).
+  an fp16 export on the CPU runs fp32, so does a bf16 export on a CPU without native bf16
+  (emulated bf16 ran 33x slower than fp32 on AVX2), and an int8 export runs its fp32 weights
+  (each said).
 - fp32 on CUDA with TF32 matmuls and convolutions (`tf32=False` turns both off); in describe().
 - Swin's shifted-window masks computed once per size, window attention fused
   (F.scaled_dot_product_attention) unless `fused_attention=False`.
@@ -31,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from tbn_runtime.backends.base import Backend, BackendError
+from tbn_runtime.cpu import cpu_flags, has_native_bf16
 from tbn_runtime.files import sha256_file
 from tbn_runtime.manifest import Manifest, ManifestError
 from tbn_runtime.preprocess import MEAN_RGB, STD_RGB
@@ -54,6 +58,10 @@ def run_precision(manifest_precision: str, device: str,
                        f"{asked} asked, the export is {manifest_precision}")
     if manifest_precision == "fp16" and device == "cpu":
         return "fp32", "the fp16 export runs fp32 on the CPU (torch's fp16 is for CUDA)"
+    if manifest_precision == "bf16" and device == "cpu" and cpu_flags() and \
+            not has_native_bf16():  # emulated bf16: 33x slower than fp32 on an AVX2 CPU
+        return "fp32", ("this CPU has no native bf16 (no AMX / AVX512-BF16): the bf16 export "
+                        "runs fp32")
     if manifest_precision == "int8":
         return "fp32", "the int8 export runs its fp32 weights in torch (no int8 path)"
     if manifest_precision not in RUN_PRECISIONS:
@@ -96,13 +104,37 @@ def _compute_in_fp32(module: Any) -> None:
     module.forward = run
 
 
+def head_modules(model: Any) -> List[Any]:
+    """The modules the temporal half runs (those temporal_head calls, found by running it once
+    on a small input): for a bf16 run they keep fp32, as the bf16 export computes its temporal
+    graph in fp32 (the manifest's compute_precision, what --verify checked)."""
+    import torch
+
+    used: List[Any] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: used.append(m))
+             for m in model.modules()]
+    p = next(model.parameters())
+    x = torch.zeros((1, int(model.feature_chs), 6, 6), dtype=p.dtype, device=p.device)
+    try:
+        with torch.no_grad():
+            model.temporal_head(x, [x] * len(model.temporal_offsets))
+    finally:
+        for h in hooks:
+            h.remove()
+    return list({id(m): m for m in used}.values())
+
+
 def to_run_precision(model: Any, precision: str) -> Any:
     """The model's weights in `precision`; for fp16, LayerNorm, BatchNorm and Softmax kept in
-    fp32 (inputs cast up, outputs back down), as the fp16 ONNX export keeps them."""
+    fp32 (inputs cast up, outputs back down), as the fp16 ONNX export keeps them; for bf16, the
+    temporal half kept in fp32 (the bf16 export's compute_precision)."""
     import torch
     import torch.nn as nn
 
+    head = head_modules(model) if precision == "bf16" else []
     model.to(getattr(torch, _TORCH_DTYPES[precision]))
+    for m in head:
+        m.float()
     if precision == "fp16":
         for m in model.modules():
             if isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
@@ -234,9 +266,10 @@ class TorchBackend(Backend):
                    streams: int = 1, max_batch: int = 8, **kwargs: Any) -> "TorchBackend":
         """A backend over a model in memory (no export: benchmarks and tests at the presets'
         sizes without an ONNX export). The backend takes the model over: its weights are
-        converted in place to the run precision (`precision=`, default fp32)."""
-        mf = manifest_for(model, height, width, kwargs.pop("precision", "fp32"), max_batch)
-        return cls("", mf, device, streams, model=model, **kwargs)
+        converted in place to `precision=` (default fp32), run as asked whatever the CPU."""
+        precision = kwargs.pop("precision", "fp32")
+        mf = manifest_for(model, height, width, precision, max_batch)
+        return cls("", mf, device, streams, model=model, precision=precision, **kwargs)
 
     # -- the two halves, in torch ---------------------------------------------------------------
     def _features(self, frame_u8: Any) -> Any:
@@ -246,6 +279,8 @@ class TorchBackend(Backend):
         return self.model.frame_features(x)
 
     def _labels(self, current: Any, past: List[Any]) -> Any:
+        if self.precision == "bf16":  # the temporal half in fp32 (bf16 -> fp32 is exact)
+            current, past = current.float(), [p.float() for p in past]
         logits = self.model.temporal_head(current, past, out_size=(self.height, self.width))
         return logits.argmax(1).to(self._torch.uint8)
 
@@ -301,6 +336,8 @@ class TorchBackend(Backend):
 
     def describe(self) -> str:
         prec = self.precision + " weights"
+        if self.precision == "bf16":
+            prec = "bf16 weights in the feature half, the temporal half in fp32"
         if self.device == "cuda" and self.precision == "fp32":
             prec += ", TF32 matmuls and convolutions" if self.tf32 else ", TF32 off"
         parts = [prec, self.graph_note,

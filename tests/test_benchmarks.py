@@ -106,6 +106,15 @@ def test_latency_export_dirs(bench, tmp_path, capsys):
     assert rows["ort"]["agreement"] >= 0.999 and rows["ort-fp16"]["agreement"] >= 0.99
     for name in ("naive-fp16", "ring-fp16"):  # CUDA only
         assert "skipped" in rows[name] and "median_ms" not in rows[name]
+    from tbn_runtime.cpu import has_native_bf16
+    if has_native_bf16():  # bf16 weights on the CPU (AMX / AVX512-BF16)
+        _check_timed_row(rows["ring-bf16"], 2)
+        assert "bf16 weights in the feature half" in rows["ring-bf16"]["describe"]
+        # bf16's 8-bit mantissa on random weights (near-tied logits); a trained model's gate
+        # is tbn-export --bf16 --verify (>= 99.5%, test_openvino)
+        assert rows["ring-bf16"]["agreement"] >= 0.95
+    else:  # emulated bf16 would be measured as what no user runs
+        assert "no native bf16" in rows["ring-bf16"]["skipped"]
     for name in ("trt", "trt-fp32"):
         try:
             import tensorrt  # noqa: F401

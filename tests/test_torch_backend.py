@@ -84,14 +84,25 @@ def test_auto_hands_over_when_a_backend_fails_to_load(export_dir, tmp_path, monk
         open_backend("torch", load_manifest(bad), "cpu", bad)
 
 
-def test_bf16_on_the_cpu(export_dir, frames, fp32_labels):
-    """A bf16 manifest runs bf16 weights and a bf16 ring (AMX / AVX512-BF16 where present)
-    through the same code; labels >= 99.5% equal to fp32."""
+def test_bf16_on_the_cpu(export_dir, frames, fp32_labels, monkeypatch):
+    """A bf16 manifest runs the feature half in bf16 weights with a bf16 ring (AMX /
+    AVX512-BF16 where present) and the temporal half in fp32, as the bf16 export computes;
+    labels >= 99.5% equal to fp32. A CPU without native bf16 runs it fp32, and says so."""
+    import tbn_train.torch_backend as tb
+
     man = load_manifest(export_dir)
     man.precision = "bf16"  # what the --bf16 export writes (its manifest precision)
+    monkeypatch.setattr(tb, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(tb, "has_native_bf16", lambda: False)
     with backend_class("torch")(export_dir, man, "cpu") as b:
-        assert b.precision == "bf16" and "bf16 weights" in b.describe()
-        assert all(p.dtype == torch.bfloat16 for p in b.model.parameters())
+        assert b.precision == "fp32" and "no native bf16" in b.describe()
+        assert b.ring.storage[0].dtype == torch.float32
+    monkeypatch.setattr(tb, "has_native_bf16", lambda: True)
+    with backend_class("torch")(export_dir, man, "cpu") as b:
+        assert b.precision == "bf16" and "bf16 weights in the feature half" in b.describe()
+        head = {id(p) for p in b.model.classifier.parameters()}
+        assert head and all(p.dtype == torch.float32 for p in b.model.classifier.parameters())
+        assert all(p.dtype == torch.bfloat16 for p in b.model.parameters() if id(p) not in head)
         assert b.ring.storage[0].dtype == torch.bfloat16
         got = _labels(b, frames)
     agree = float((got == fp32_labels).mean())
