@@ -220,11 +220,6 @@ def build_path(row: str, src: Source, device: str, time_left: Optional[float] = 
     fp16 = row_precision(row) == "fp16"
     if row in ("naive-fp16", "ring-fp16") and device != "cuda":
         raise Skip("fp16 autocast rows are for --device cuda")
-    if row == "ring-bf16" and device == "cpu":
-        from tbn_runtime.cpu import cpu_flags, has_native_bf16
-        if cpu_flags() and not has_native_bf16():
-            raise Skip("this CPU has no native bf16 (no AMX / AVX512-BF16): the torch backend "
-                       "runs a bf16 export in fp32 here, the ring row")
     if row.startswith("naive") or row.startswith("ring"):
         try:
             import torch  # noqa: F401
@@ -239,8 +234,12 @@ def build_path(row: str, src: Source, device: str, time_left: Optional[float] = 
     if row.startswith("ring"):
         ckpt = {"path": os.path.abspath(src.checkpoint),
                 "sha256": (src.manifest.checkpoint or {}).get("sha256")}
-        # the weights in the row's precision (bf16 also on the CPU: AMX where present)
-        precision = row_precision(row) if row_precision(row) in ("fp16", "bf16") else "fp32"
+        precision = row_precision(row)  # the weights in the row's precision
+        if precision == "bf16":  # the backend's own decision: where it would not run bf16
+            from tbn_train.torch_backend import run_precision
+            runs, note = run_precision(precision, device)
+            if runs != precision:
+                raise Skip(f"{note}: the ring row")
         manifest = dataclasses.replace(src.manifest, precision=precision, checkpoint=ckpt)
         return BackendPath("torch", src.tmp, manifest, device)
     for name in ("ort", "openvino"):  # the export's own graphs, as tbn-run runs them

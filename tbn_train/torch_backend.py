@@ -13,8 +13,8 @@ An engine rather than the training model run in eval mode:
   (AMX / AVX512-BF16 through oneDNN); no autocast re-casting the weights at every call. The run
   precision is the manifest's ("bf16" exports run in bf16) unless `precision=` says otherwise;
   an fp16 export on the CPU runs fp32, so does a bf16 export on a CPU without native bf16
-  (emulated bf16 ran 33x slower than fp32 on AVX2), and an int8 export runs its fp32 weights
-  (each said).
+  (emulated bf16 ran the feature half 6x slower than fp32 on AVX2), and an int8 export runs its
+  fp32 weights (each said).
 - fp32 on CUDA with TF32 matmuls and convolutions (`tf32=False` turns both off); in describe().
 - Swin's shifted-window masks computed once per size, window attention fused
   (F.scaled_dot_product_attention) unless `fused_attention=False`.
@@ -59,7 +59,7 @@ def run_precision(manifest_precision: str, device: str,
     if manifest_precision == "fp16" and device == "cpu":
         return "fp32", "the fp16 export runs fp32 on the CPU (torch's fp16 is for CUDA)"
     if manifest_precision == "bf16" and device == "cpu" and cpu_flags() and \
-            not has_native_bf16():  # emulated bf16: 33x slower than fp32 on an AVX2 CPU
+            not has_native_bf16():  # emulated: the feature half 6x slower on AVX2
         return "fp32", ("this CPU has no native bf16 (no AMX / AVX512-BF16): the bf16 export "
                         "runs fp32")
     if manifest_precision == "int8":
@@ -335,9 +335,8 @@ class TorchBackend(Backend):
         return f"CUDA graphs per batch size 1..{self.batch_limit}"
 
     def describe(self) -> str:
-        prec = self.precision + " weights"
-        if self.precision == "bf16":
-            prec = "bf16 weights in the feature half, the temporal half in fp32"
+        prec = ("bf16 weights in the feature half, the temporal half in fp32"
+                if self.precision == "bf16" else self.precision + " weights")
         if self.device == "cuda" and self.precision == "fp32":
             prec += ", TF32 matmuls and convolutions" if self.tf32 else ", TF32 off"
         parts = [prec, self.graph_note,
