@@ -26,18 +26,6 @@ if REPO not in sys.path:  # `python benchmarks/x.py` from a checkout without an 
 
 
 # -- machine and versions ----------------------------------------------------------------------
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def usable_cores() -> int:
     """CPU cores this process may run on (affinity), not the host's total."""
     try:
@@ -97,9 +85,9 @@ def machine_info() -> Dict[str, Any]:
                     mem_gb = round(int(line.split()[1]) / 1024 ** 2, 1)
     except OSError:
         pass
-    from tbn_runtime.cpu import extensions
+    from tbn_runtime.cpu import extensions, model_name
     return {
-        "cpu": cpu_model(),
+        "cpu": model_name(),
         # the CPU engines' ratios depend on these (AVX2, AVX-512, VNNI, AMX)
         "cpu_extensions": extensions(),
         "cores": usable_cores(),

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tbn_runtime.cpu import machine
 from tbn_runtime.manifest import Manifest, load_manifest
 from tbn_runtime.preprocess import resize_frame
 from tbn_runtime.temporal import FeatureRing
@@ -48,16 +49,37 @@ class VerifyResult:
     feature_tol: float = 1e-3
     per_frame_agree: List[float] = field(default_factory=list)
     engine: str = "ONNX Runtime (CPU)"
-    #: a second check of the same export (bf16: the graph in fp32, then the engines in bf16)
+    backend: str = "ort"        # the runtime backend this check ran (the manifest's key)
+    #: a second check of the same export (bf16: the graph in fp32, then the engines in bf16;
+    #: int8: the same Q/DQ graph in OpenVINO)
     then: Optional["VerifyResult"] = None
+    #: whether this check failing refuses the export (int8 in OpenVINO does not: the export is
+    #: ONNX Runtime's and TensorRT's; OpenVINO's failure is recorded and it refuses the export)
+    gates: bool = True
+
+    @property
+    def passed(self) -> bool:
+        """This check alone (not the ones after it)."""
+        return self.labels_agree >= self.threshold and self.feature_rel <= self.feature_tol
 
     @property
     def ok(self) -> bool:
-        return (self.labels_agree >= self.threshold and self.feature_rel <= self.feature_tol
+        """Whether the export may be written: every gating check passed."""
+        return ((self.passed or not self.gates)
                 and (self.then is None or self.then.ok))
 
+    def records(self) -> Dict[str, Dict[str, Any]]:
+        """What the manifest keeps of each check, by backend ('verified')."""
+        out = {} if self.then is None else self.then.records()
+        if not self.backend:   # a check of the graphs, not of a backend running the export
+            return out
+        out[self.backend] = {"passed": self.passed, "labels_agree": round(self.labels_agree, 6),
+                             "required": self.threshold, "frames": self.frames,
+                             "machine": machine()}
+        return out
+
     def table(self) -> str:
-        own = self.labels_agree >= self.threshold and self.feature_rel <= self.feature_tol
+        own = self.passed
         rows = [
             ("engine", self.engine),
             ("precision", self.precision),
@@ -67,7 +89,9 @@ class VerifyResult:
             ("labels agree (all frames)", f"{100 * self.labels_agree:.3f}%"),
             ("labels agree (worst frame)", f"{100 * self.labels_agree_worst:.3f}%"),
             ("labels required", f">= {100 * self.threshold:.1f}%"),
-            ("result", "PASS" if own else "FAIL"),
+            ("result", "PASS" if own else "FAIL" if self.gates else
+             f"FAIL (recorded: the {self.backend} backend refuses this export, the others "
+             f"run it)"),
         ]
         width = max(len(k) for k, _ in rows)
         text = "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
@@ -248,7 +272,8 @@ def verify_export(export_dir: str, model, frames: Sequence[np.ndarray],
 
     A bf16 export is checked twice: its fp32 graphs in ONNX Runtime at the fp32 bounds (the
     graph is right), then computed in bf16 (bf16_chain) at the bf16 bounds. An int8 export is
-    checked in ONNX Runtime and, where the openvino backend runs it, in OpenVINO too."""
+    checked in ONNX Runtime (which must pass) and, where the openvino backend runs it, in
+    OpenVINO too: a failure there is recorded in the manifest, and OpenVINO then refuses it."""
     manifest = load_manifest(export_dir)
     onnx_out = onnx_chain(export_dir, frames, manifest, device)
     torch_out = torch_chain(model, frames)
@@ -257,13 +282,15 @@ def verify_export(export_dir: str, model, frames: Sequence[np.ndarray],
         if openvino_runs(manifest):  # the same Q/DQ graph, as exported, in OpenVINO
             result.then = compare(openvino_chain(export_dir, frames, manifest), torch_out,
                                   "int8")
-            result.then.engine = "OpenVINO (CPU)"
+            result.then.engine, result.then.backend = "OpenVINO (CPU)", "openvino"
+            result.then.gates = False
         return result
     if manifest.precision != "bf16":
         return compare(onnx_out, torch_out, manifest.precision)
     result = compare(onnx_out, torch_out, "fp32")
-    result.precision = "bf16 export: its fp32 graphs"
+    result.precision, result.backend = "bf16 export: its fp32 graphs", ""
     engine, bf16_out = bf16_chain(export_dir, model, frames, manifest)
     result.then = compare(bf16_out, torch_out, "bf16")
     result.then.engine = engine
+    result.then.backend = "openvino" if engine.startswith("OpenVINO") else "torch"
     return result

@@ -7,6 +7,7 @@ units for bf16 and int8). Off Linux, or where the file cannot be read, nothing i
 
 from __future__ import annotations
 
+import platform
 from functools import lru_cache
 from typing import FrozenSet, List
 
@@ -27,6 +28,24 @@ def cpu_flags() -> FrozenSet[str]:
     except OSError:
         pass
     return frozenset()
+
+
+@lru_cache(maxsize=1)
+def model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine() -> str:
+    """'AMD EPYC (AVX2, AVX-512, AVX512-VNNI, ...)': the CPU and what it computes with."""
+    return f"{model_name()} ({', '.join(extensions()) or 'no AVX2'})"
 
 
 def extensions() -> List[str]:

@@ -82,6 +82,10 @@ class Manifest:
     # what each engine computes in where the graph's types do not say it (bf16: fp32 graphs,
     # {"graph": "fp32", "feature": "bf16", "temporal": "fp32"}); None: as the graph is typed
     compute_precision: Optional[Dict[str, str]] = None
+    # tbn-export --verify's checks, by backend: {"ort": {"passed": true, "labels_agree": ...,
+    # "required": ..., "frames": ..., "machine": "<cpu> (<extensions>)"}, "openvino": {...}};
+    # a backend recorded as failed refuses the export. None: not verified
+    verified: Optional[Dict[str, Dict[str, Any]]] = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -256,9 +260,13 @@ def validate(m: Manifest, ring_size: Any = None) -> Optional[str]:
     for name in ("versions",):
         if not isinstance(getattr(m, name), dict):
             return bad(name, "an object")
-    for name in ("tensorrt", "quantization", "compute_precision"):
+    for name in ("tensorrt", "quantization", "compute_precision", "verified"):
         if getattr(m, name) is not None and not isinstance(getattr(m, name), dict):
             return bad(name, "an object or null")
+    if m.verified is not None and not all(
+            isinstance(v, dict) and isinstance(v.get("passed"), bool)
+            for v in m.verified.values()):
+        return bad("verified", "an object of {backend: {'passed': true|false, ...}}")
     if m.precision == "bf16" and not m.compute_precision:
         return "field 'compute_precision' must say what a bf16 export's engines compute in"
     if m.precision == "int8" and not m.quantization:

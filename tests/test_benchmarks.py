@@ -236,9 +236,12 @@ def test_latency_bad_flags_are_one_line(tmp_path, capsys):
 def test_accuracy_gate_passes_for_the_real_backends(bench, tmp_path):
     out, png = tmp_path / "acc.json", tmp_path / "acc.png"
     # The ground truth is the reference's output, so every flipped pixel costs mIoU; a random
-    # model has near-ties that fp16 flips, hence the wider fp16 tolerance here.
+    # model has near-ties that fp16 flips, hence the wider fp16 tolerance here, and bf16 (three
+    # mantissa bits fewer) flips more where the CPU computes it natively: 0.98 points at 99.52%
+    # of the labels on an AVX512-BF16 EPYC. The trained demo model is gated at the defaults.
     rc = accuracy.main(["--data", bench["data"], "--exports", f"{bench['fp32']},{bench['fp16']}",
-                        "--tol-fp16", "0.5", "--json", str(out), "--plot", str(png)])
+                        "--tol-fp16", "0.5", "--tol-bf16", "2", "--json", str(out),
+                        "--plot", str(png)])
     report = json.loads(out.read_text())
     assert rc == 0 and report["passed"] is True
     _check_machine(report)

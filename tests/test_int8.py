@@ -85,6 +85,11 @@ def test_convs_and_weight_matmuls_are_int8_the_rest_float(int8_dir, fp32_feature
     fed = _dq_fed(q)
     assert not attention & fed
     assert {n.name for n in q.graph.node if n.op_type == "MatMul"} - attention <= fed
+    # the fusion module's conv over the Concat of both paths stays float (OpenVINO computes
+    # its quantized form wrongly), every other Conv reads a dequantized input
+    fusion = set(int8.concat_convs(fp32_feature))
+    assert len(fusion) == 1 and not fusion & fed
+    assert {n.name for n in q.graph.node if n.op_type == "Conv"} - fusion <= fed
     # the temporal graph stays float
     temporal = onnx.load(os.path.join(int8_dir, "temporal.onnx"))
     assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in temporal.graph.node}
@@ -183,6 +188,40 @@ def test_verify_gate_passes_int8_and_fails_a_broken_one(int8_dir, tiny, calib_di
     # (this random model's labels hardly depend on its features, so the feature bound is
     # what catches the broken calibration here; the label threshold is tested below)
     assert not bad.ok and bad.feature_rel > FEATURE_REL_TOL["int8"], bad.table()
+
+
+def test_a_backend_that_fails_the_int8_check_is_recorded_and_refuses_the_export(
+        checkpoint, calib_dir, tmp_path, monkeypatch, capsys):
+    """ONNX Runtime passes and OpenVINO (here: a stand-in giving wrong labels, as OpenVINO
+    2026.4 computes this random model's Q/DQ graph) fails: the export is still written, the
+    manifest records both checks, the openvino backend refuses the export naming what was
+    measured, and auto runs it on ONNX Runtime."""
+    from tbn_export import verify
+    from tbn_runtime.backends import select_backend
+    from tbn_runtime.backends.openvino import OpenVinoBackend
+
+    def wrong(export_dir, frames, manifest):
+        features, labels = onnx_chain(export_dir, frames, manifest)
+        return features, [(lab + 1) % manifest.num_classes for lab in labels]
+    monkeypatch.setattr(verify, "openvino_runs", lambda manifest, bf16=False: True)
+    monkeypatch.setattr(verify, "openvino_chain", wrong)
+    out = str(tmp_path / "export")
+    assert main(["--checkpoint", checkpoint, "--out", out, "--int8", "--calib", calib_dir,
+                 "--calib-frames", "4", "--verify", "--verify-frames", "10"]) == 0
+    captured = capsys.readouterr()
+    assert "recorded: the openvino backend refuses this export" in captured.out
+    assert "openvino backend computes this export wrongly" in captured.err
+    m = load_manifest(out)
+    assert m.verified["ort"]["passed"] is True and m.verified["ort"]["labels_agree"] >= 0.99
+    assert m.verified["openvino"]["passed"] is False
+    assert m.verified["openvino"]["labels_agree"] < 0.01 and m.verified["ort"]["machine"]
+    ok, why = OpenVinoBackend.accepts(m)
+    assert not ok and "failed verification on the openvino backend" in why
+    assert "--backend ort" in why and "% equal to PyTorch's" in why
+    assert select_backend("auto", m, "cpu", out)[0].name == "ort"
+    # a check that passed refuses nothing
+    m.verified["openvino"]["passed"] = True
+    assert OpenVinoBackend.accepts(m)[0] or "no VNNI" in OpenVinoBackend.accepts(m)[1]
 
 
 def test_int8_label_threshold():

@@ -53,10 +53,13 @@ def _palette(m):
     (_set("precision", "int4"), "field 'precision'"),
     (_set("std", [58.4, 0, 57.4]), "field 'std'"),
     (_files, "plain names"),
+    (_set("verified", {"openvino": {"passed": "no"}}), "field 'verified'"),
     # valid values, but not the graphs': the content hash binds them to what was exported
     (lambda m: m.update(temporal_offsets=[1, 2, 3], ring_size=4), "changed after export"),
     (_set("height", 128), "changed after export"),
     (_set("max_batch", 4), "changed after export"),
+    # a check recorded as failed cannot be edited into a pass (the backend would run it)
+    (_set("verified", {"openvino": {"passed": True}}), "changed after export"),
     (lambda m: m.pop("content_sha256"), "carries no content hash"),
 ])
 def test_a_bad_manifest_is_one_line_naming_the_field(export_dir, video, tmp_path, edit, needle):

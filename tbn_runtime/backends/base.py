@@ -81,8 +81,21 @@ class Backend:
     @classmethod
     def accepts(cls, manifest: Manifest) -> Tuple[bool, str]:
         """(False, why and what runs it) for an export this backend refuses here (a precision
-        it cannot run as verified); `auto` then tries the next backend. Never raises."""
-        return True, ""
+        it cannot run as verified, or one `tbn-export --verify` found it computes wrongly);
+        `auto` then tries the next backend. Never raises. Subclasses call this last."""
+        check = (manifest.verified or {}).get(cls.name)
+        if check is None or check.get("passed", True):
+            return True, ""
+        others = sorted(k for k, v in (manifest.verified or {}).items() if v.get("passed"))
+        agree = check.get("labels_agree")
+        measured = (f"labels {100 * agree:.1f}% equal to PyTorch's, "
+                    f">= {100 * check.get('required', 0):.0f}% required, "
+                    if isinstance(agree, (int, float)) else "")
+        return False, (f"this {manifest.precision} export failed verification on the {cls.name} "
+                       f"backend when it was exported ({measured}on "
+                       f"{check.get('machine', 'the export machine')}): run it with "
+                       f"--backend {' or '.join(others) or 'another backend'}, or export it "
+                       f"again with --verify on this machine")
 
     def _run_feature(self, frames: np.ndarray, slots: List[Any]) -> None:
         """Run (or enqueue) the feature engine on frames (uint8 n x H x W x 3): the feature of

@@ -108,7 +108,7 @@ class OpenVinoBackend(Backend):
             return False, ("OpenVINO's int8 kernels give wrong results on this CPU, which has "
                            "no VNNI (measured with OpenVINO 2026.4 on AVX2: labels far from "
                            "the verified export); run the int8 export with --backend ort")
-        return True, ""
+        return super().accepts(manifest)
 
     def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu",
                  streams: int = 1, *, threads: Optional[int] = None, mode: str = "async",

@@ -91,7 +91,7 @@ class OrtBackend(Backend):
                            f"{manifest.precision} export with --backend "
                            f"{' or '.join(BF16_BACKENDS[manifest.precision])}, or export "
                            f"fp32 / int8 for ort")
-        return True, ""
+        return super().accepts(manifest)
 
     def __init__(self, export_dir: str, manifest: Manifest, device: str = "cpu",
                  streams: int = 1, *, spinning: bool = True,
