@@ -137,9 +137,9 @@ def concat_convs(model: onnx.ModelProto) -> List[str]:
     Its input joins two branches quantized at different scales, and OpenVINO 2026.4 computes
     the quantized form wrongly: on the demo model its features came out 0.18 (relative) off
     where ONNX Runtime's were 0.02, labels 98.8% equal to PyTorch on the val split and mVC16
-    5.9 points down (0.79 off on a random tbn_tiny, which the other edits left as they were).
-    With this conv in float both engines agree to the labels (99.9%). One conv at 1/8
-    resolution: the time it costs is measured in docs/performance.md."""
+    5.9 points down (0.79 off on a random tbn_tiny; bypassing any other group of Q/DQ pairs
+    changed little). With this conv in float both engines agree on the labels (99.9%). One
+    conv at 1/8 resolution, no slower measured (docs/performance.md)."""
     producer = {o: n for n in model.graph.node for o in n.output}
     return [n.name for n in model.graph.node
             if n.op_type == "Conv" and n.input[0] in producer
