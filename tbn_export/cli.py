@@ -132,13 +132,14 @@ def _engine_only(args) -> int:
 
     from .tensorrt_build import EngineBuildError, build_engines, tensorrt_available
 
+    from .bf16 import autocast_available
+
     manifest = load_manifest(args.out)
-    if manifest.precision == "bf16":
-        raise UsageError(f"{args.out} is a bf16 export: TensorRT bf16 engines are not built yet "
-                         f"(it runs on --backend openvino or torch)")
     ok, why = tensorrt_available()
+    if ok and manifest.precision == "bf16":
+        ok, why = autocast_available()
     if not ok:
-        raise UsageError(f"TensorRT is not available here ({why}); "
+        raise UsageError(f"TensorRT engines cannot be built here ({why}); "
                          + ENGINE_HINT.format(out=args.out))
     t0 = time.perf_counter()
     try:
@@ -275,9 +276,11 @@ def _engines(args, tmp: str) -> Tuple[bool, str, Optional[str]]:
 
     ok, why = tensorrt_available()
     if ok and args.bf16:
-        # a strongly typed build takes its precision from the graph: the fp32 graph of a bf16
-        # export would give fp32 engines under a bf16 label
-        ok, why = False, "TensorRT bf16 engines are not built yet (they need a bf16 graph)"
+        # a strongly typed build takes its precision from the graph: the bf16 engine is built
+        # from a bf16-typed copy of the feature graph, which ModelOpt's AutoCast writes
+        from .bf16 import autocast_available
+
+        ok, why = autocast_available()
     if not ok:
         return ok, why, None
     t0 = time.perf_counter()

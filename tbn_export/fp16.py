@@ -25,7 +25,7 @@ FP32_OPS = (
 )
 
 
-def _preprocess_nodes(model: onnx.ModelProto) -> List[str]:
+def preprocess_nodes(model: onnx.ModelProto) -> List[str]:
     """Nodes of the feature graph that belong to the in-graph preprocessing.
 
     The exported graph is topologically sorted and starts with FeatureGraph's preprocessing:
@@ -147,7 +147,7 @@ def _convert(model: onnx.ModelProto, node_block_list: Iterable[str] = ()) -> onn
 
 def convert_feature_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """feature graph -> fp16: uint8 frame in, float16 feature out."""
-    return _convert(model, _preprocess_nodes(model))
+    return _convert(model, preprocess_nodes(model))
 
 
 def convert_temporal_graph(model: onnx.ModelProto) -> onnx.ModelProto:

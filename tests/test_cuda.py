@@ -211,6 +211,25 @@ def test_cuda_trt_engines_built_here_equal_ort(export_dir, fp16_export, frames, 
 
 
 @needs_trt
+def test_cuda_trt_bf16_engine_from_the_bf16_export(export_dir, frames, tmp_path):
+    """A bf16 export's engines: the feature engine built from its bf16-typed copy (ModelOpt
+    AutoCast), the temporal one fp32; labels >= 99.5% equal to ONNX Runtime fp32."""
+    from tbn_export.onnx_export import export_onnx
+    from tbn_train.checkpoint import load_model
+
+    ckpt = load_manifest(export_dir).checkpoint["path"]
+    src = str(tmp_path / "bf16")
+    export_onnx(load_model(ckpt)[0], src, EXPORT_H, EXPORT_W, bf16=True, checkpoint_path=ckpt)
+    d = _with_engines(src, tmp_path)
+    man = load_manifest(d)
+    assert man.tensorrt["precision"] == {"feature": "bf16", "temporal": "fp32"}
+    assert not [f for f in os.listdir(d) if f.startswith(".tbn-")]  # the typed copy is gone
+    with backend_class("trt")(d, man, "cuda") as trt, \
+            backend_class("ort")(export_dir, load_manifest(export_dir), "cpu") as ort:
+        assert min(_agreement(_stream(trt, frames), _stream(ort, frames))) >= 0.995
+
+
+@needs_trt
 def test_cuda_trt_profiles_one_frame_and_batches(export_dir, frames, tmp_path):
     """Engines with profile 0 for one frame (tuned for 1) and profile 1 for 2..max_batch: one
     stream runs profile 0, two streams batched profile 1, each equal to its single run."""
