@@ -130,9 +130,8 @@ def _size_mb(path: str) -> str:
 def _engine_only(args) -> int:
     from tbn_runtime.manifest import load_manifest
 
-    from .tensorrt_build import EngineBuildError, build_engines, tensorrt_available
-
     from .bf16 import autocast_available
+    from .tensorrt_build import EngineBuildError, build_engines, tensorrt_available
 
     manifest = load_manifest(args.out)
     ok, why = tensorrt_available()

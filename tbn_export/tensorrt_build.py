@@ -218,22 +218,19 @@ def build_engine(onnx_path: str, engine_path: str, timing_cache_path: str,
     return {"layers": network.num_layers, "bytes": os.path.getsize(engine_path)}
 
 
-def engine_precision(manifest: Manifest, onnx_name: str) -> str:
-    """What the engine built from onnx_name computes in: the graph's own types, except a bf16
-    export's feature graph (fp32 on disk, bf16 by its compute_precision), built bf16."""
-    part = onnx_name.split(".")[0]
-    if (manifest.compute_precision or {}).get(part) == "bf16":
-        return "bf16"
-    return "int8" if manifest.precision == "int8" and part == "feature" else (
-        "fp16" if manifest.feature_dtype == "float16" else "fp32")
+def builds_bf16(manifest: Manifest, onnx_name: str) -> bool:
+    """Whether the engine of onnx_name is built bf16: a bf16 export's graph that its manifest
+    computes in bf16 (fp32 on disk: `compute_precision`). Every other engine takes the graph's
+    own types."""
+    return (manifest.compute_precision or {}).get(onnx_name.split(".")[0]) == "bf16"
 
 
 @contextlib.contextmanager
-def _typed_graph(onnx_path: str, precision: str) -> Iterator[str]:
+def _typed_graph(onnx_path: str, bf16: bool) -> Iterator[str]:
     """The ONNX file to build from: onnx_path itself, or for bf16 a bf16-typed copy beside it
     (tbn_export.bf16; a strongly typed build takes its precision from the graph), removed
     after the build."""
-    if precision != "bf16":
+    if not bf16:
         yield onnx_path
         return
     from .bf16 import convert_feature_graph
@@ -264,7 +261,7 @@ def build_engines(export_dir: str, workspace_gb: float = 4.0, log_level: str = "
         for onnx_name, engine_name in ENGINES:
             onnx_path = manifest.verify_file(export_dir, onnx_name)
             engine_path = os.path.join(export_dir, engine_name)
-            with _typed_graph(onnx_path, engine_precision(manifest, onnx_name)) as source:
+            with _typed_graph(onnx_path, builds_bf16(manifest, onnx_name)) as source:
                 build_engine(source, engine_path, cache_path, workspace_gb, log_level,
                              manifest.max_batch)
             written.append(engine_path)
@@ -280,9 +277,6 @@ def build_engines(export_dir: str, workspace_gb: float = 4.0, log_level: str = "
     manifest.tensorrt = {"version": trt.__version__, "gpu": info["gpu"],
                          "compute_capability": info["compute_capability"],
                          "workspace_gb": workspace_gb, "strongly_typed": True,
-                         "precision": {onnx_name.split(".")[0]: engine_precision(manifest,
-                                                                                 onnx_name)
-                                       for onnx_name, _ in ENGINES},
                          "max_batch": manifest.max_batch,
                          "profiles": batch_profiles(manifest.max_batch)}
     manifest.versions["tensorrt"] = trt.__version__

@@ -222,7 +222,7 @@ def test_cuda_trt_bf16_engine_from_the_bf16_export(export_dir, frames, tmp_path)
     export_onnx(load_model(ckpt)[0], src, EXPORT_H, EXPORT_W, bf16=True, checkpoint_path=ckpt)
     d = _with_engines(src, tmp_path)
     man = load_manifest(d)
-    assert man.tensorrt["precision"] == {"feature": "bf16", "temporal": "fp32"}
+    assert man.compute_precision["feature"] == "bf16" and man.tensorrt["strongly_typed"]
     assert not [f for f in os.listdir(d) if f.startswith(".tbn-")]  # the typed copy is gone
     with backend_class("trt")(d, man, "cuda") as trt, \
             backend_class("ort")(export_dir, load_manifest(export_dir), "cpu") as ort:

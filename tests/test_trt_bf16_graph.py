@@ -86,14 +86,14 @@ def test_its_values_are_the_fp32_graphs_within_bf16(typed, exports, tmp_path):
 
 def test_the_engine_build_takes_the_typed_graph_only_for_bf16(exports):
     fp32, bf16 = load_manifest(exports["fp32"]), load_manifest(exports["bf16"])
-    assert tensorrt_build.engine_precision(bf16, "feature.onnx") == "bf16"
-    assert tensorrt_build.engine_precision(bf16, "temporal.onnx") == "fp32"
-    assert tensorrt_build.engine_precision(fp32, "feature.onnx") == "fp32"
+    assert tensorrt_build.builds_bf16(bf16, "feature.onnx")
+    assert not tensorrt_build.builds_bf16(bf16, "temporal.onnx")
+    assert not tensorrt_build.builds_bf16(fp32, "feature.onnx")
     source = os.path.join(exports["bf16"], "feature.onnx")
-    with tensorrt_build._typed_graph(source, "fp32") as path:
+    with tensorrt_build._typed_graph(source, False) as path:
         assert path == source
     with pytest.raises(RuntimeError, match="build failed"):
-        with tensorrt_build._typed_graph(source, "bf16") as path:
+        with tensorrt_build._typed_graph(source, True) as path:
             assert path != source and os.path.basename(path).startswith(".tbn-")
             assert onnx.load(path).graph.initializer[0] is not None
             kept = path
